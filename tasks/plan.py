@@ -36,7 +36,8 @@ def plan_changes(
 ) -> ChangePlan:
     """Sort what the walk found into new, changed, unchanged and deleted.
 
-    A file that failed is not deleted: its stored version stays until it is fixed.
+    A file that failed is not deleted: its stored version stays until it is fixed. Nor is
+    anything under a folder that could not be listed.
     `full_refresh` treats every stored file as changed (the cache still saves the embedding).
     """
     plan = ChangePlan()
@@ -51,5 +52,6 @@ def plan_changes(
             plan.changed.append(item)
         else:
             plan.unchanged.append(item)
-    plan.deleted = sorted(path for path in stored if path not in seen)
+    unlisted = tuple(f"{f.path.rstrip('/')}/" for f in plan.failed)
+    plan.deleted = sorted(path for path in stored if path not in seen and not path.startswith(unlisted))
     return plan

@@ -24,7 +24,14 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+# Modules that add their own subcommands: each has `register(commands)` and sets a
+# `handler(args, settings) -> int` default on the parsers it adds.
+COMMAND_MODULES = ("flows.backfill_cli", "flows.search_cli", "flows.serve_cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="ragingest", description=__doc__)
     parser.add_argument("--profile", choices=["dev", "prod"], help="settings profile (config/<profile>.env)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,14 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--source-name", help="name the source is stored under (default: its absolute path)")
     ingest.add_argument("--no-prefect", action="store_true", help="run the stages directly, without a Prefect flow run")
     ingest.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    ingest.set_defaults(handler=_ingest)
 
     status = commands.add_parser("status", help="model columns, coverage, indexes and documents")
     status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_status)
 
     db = commands.add_parser("db", help="schema management")
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser("migrate", help="apply the pending migrations in sql/")
-    db_commands.add_parser("verify", help="check the extension, tables, columns and indexes")
+    db_commands.add_parser("migrate", help="apply the pending migrations in sql/").set_defaults(handler=_db)
+    db_commands.add_parser("verify", help="check the extension, tables, columns and indexes").set_defaults(
+        handler=_db
+    )
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
     return parser
 
 
@@ -71,20 +84,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     from config.settings import load_settings
 
     overrides: dict[str, Any] = {}
-    if args.command == "ingest":
-        if args.chunker:
-            overrides["chunker"] = args.chunker
-        if args.index_strategy:
-            overrides["index_strategy"] = args.index_strategy
+    for option in ("chunker", "index_strategy"):
+        if getattr(args, option, None):
+            overrides[option] = getattr(args, option)
     settings = load_settings(args.profile, **overrides)
-    if args.command == "ingest":
-        return _ingest(args, settings, overrides)
-    if args.command == "status":
-        return _status(args, settings)
-    return _db(args, settings)
+    args.settings_overrides = overrides
+    return int(args.handler(args, settings))
 
 
-def _ingest(args: argparse.Namespace, settings: Any, overrides: dict[str, Any]) -> int:
+def _ingest(args: argparse.Namespace, settings: Any) -> int:
     from tasks.report import format_summary
 
     if not args.source.is_dir():
@@ -99,7 +107,7 @@ def _ingest(args: argparse.Namespace, settings: Any, overrides: dict[str, Any]) 
 
         summary = ingest(
             source=str(args.source), full_refresh=args.full_refresh, source_name=args.source_name,
-            profile=args.profile, settings_overrides=overrides,
+            profile=args.profile, settings_overrides=args.settings_overrides,
         )
     if args.json:
         print(json.dumps(summary, sort_keys=True))

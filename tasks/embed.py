@@ -6,7 +6,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,8 +108,6 @@ class OpenAIEmbedder:
     max_batch_inputs = 2048
 
     def __init__(self, model: str, dimensions: int, settings: Settings) -> None:
-        from openai import AsyncOpenAI
-
         if settings.openai_api_key is None:
             raise TerminalEmbeddingError(
                 "OPENAI_API_KEY is not set; the openai provider needs it",
@@ -118,13 +117,22 @@ class OpenAIEmbedder:
         self.model_key = model_key("openai", model, dimensions)
         self.dimensions = dimensions
         self.max_concurrency = settings.embed_concurrency
-        # Retries are ours (tenacity, by class); the SDK's own are switched off.
-        self.client = AsyncOpenAI(
-            api_key=settings.openai_api_key.get_secret_value(),
-            base_url=settings.openai_base_url,
-            timeout=settings.embed_timeout_seconds,
-            max_retries=0,
-        )
+        self._client_options: dict[str, Any] = {
+            "api_key": settings.openai_api_key.get_secret_value(),
+            "base_url": settings.openai_base_url,
+            "timeout": settings.embed_timeout_seconds,
+            "max_retries": 0,  # retries are ours (tenacity, by class)
+        }
+        self._bound: tuple[asyncio.AbstractEventLoop, Any] | None = None
+
+    def _client(self) -> Any:
+        """One client per event loop: an async HTTP pool cannot outlive the loop it was made on."""
+        loop = asyncio.get_running_loop()
+        if self._bound is None or self._bound[0] is not loop:
+            from openai import AsyncOpenAI
+
+            self._bound = (loop, AsyncOpenAI(**self._client_options))
+        return self._bound[1]
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
         import openai
@@ -133,7 +141,7 @@ class OpenAIEmbedder:
         if self.model.startswith("text-embedding-3"):
             extra["dimensions"] = self.dimensions
         try:
-            response = await self.client.embeddings.create(model=self.model, input=list(texts), **extra)
+            response = await self._client().embeddings.create(model=self.model, input=list(texts), **extra)
         except (openai.RateLimitError, openai.InternalServerError) as exc:
             raise TransientEmbeddingError(
                 f"embedding API answered {exc.status_code}", model_key=self.model_key,
@@ -253,7 +261,7 @@ def _as_matrix(rows: Sequence[Sequence[float]], embedder: Embedder) -> Vectors:
     if wrong:
         raise TerminalEmbeddingError(
             f"the API returned vectors of {sorted(wrong)} dimensions, but the column holds "
-            f"{embedder.dimensions}; check EMBEDDING_DIMENSIONS against the model",
+            f"{embedder.dimensions}; check the configured dimensions against the model",
             model_key=embedder.model_key,
         )
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), embedder.dimensions)
@@ -288,6 +296,10 @@ class EmbedPolicy:
     max_backoff: float
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    concurrency_limit: str | None = None
+    """A Prefect global concurrency limit each request holds while in flight, shared by every flow."""
+    rate_limit: str | None = None
+    """A Prefect global concurrency limit with slot decay; each request takes one slot."""
 
     @classmethod
     def from_settings(cls, settings: Settings, embedder: Embedder) -> EmbedPolicy:
@@ -431,12 +443,33 @@ async def _embed_with_retry(
     try:
         async for attempt in retrying:
             with attempt:
-                vectors = await embedder.embed(texts)
+                async with prefect_limits(policy):
+                    vectors = await embedder.embed(texts)
                 return _checked(vectors, embedder, batch)
     except EmbeddingError as exc:
         exc.batch = (batch.start, batch.stop - 1)
         raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@asynccontextmanager
+async def prefect_limits(policy: EmbedPolicy) -> AsyncIterator[None]:
+    """Hold the Prefect global limits the policy names for one request; nothing when none is named.
+
+    The limits must exist on the Prefect server (`prefect gcl create NAME --limit N`,
+    with `--slot-decay-per-second` for a rate limit): a missing one fails the run.
+    """
+    if policy.rate_limit is not None:
+        from prefect.concurrency.asyncio import rate_limit
+
+        await rate_limit(policy.rate_limit, strict=True)
+    if policy.concurrency_limit is None:
+        yield
+        return
+    from prefect.concurrency.asyncio import concurrency
+
+    async with concurrency(policy.concurrency_limit, strict=True):
+        yield
 
 
 def _checked(vectors: Vectors, embedder: Embedder, batch: range) -> Vectors:

@@ -135,6 +135,7 @@ def chunk_metadata(doc: ParsedDocument, chunk: Chunk) -> dict[str, object]:
         "namespace": doc.namespace,
         "tags": list(doc.tags),
         "path": doc.path,
+        "embed_header": chunk.embed_header,
     }
 
 
@@ -179,22 +180,38 @@ def swap_in(
     result = LoadResult()
     started = time.perf_counter()
     assert conn.autocommit, "swap_in needs an autocommit connection to own a real transaction"
+    # A column still being backfilled gets its index when the backfill completes.
+    indexed = [m for m in models if m.status != "backfilling"]
     with conn.transaction():
         if index_plan.drop:
-            for model in models:
+            for model in indexed:
                 drop_hnsw_index(conn, model)
                 result.indexes_dropped += 1
-        _upsert_documents(conn, source)
-        result.chunks_deleted = _delete_replaced_chunks(conn, source, deleted_paths)
-        result.documents_deleted = _delete_documents(conn, source, deleted_paths)
-        result.chunks_written = _insert_chunks(conn, source, models)
-        _mark_stale(conn, source, stale_paths)
+        load_staged(conn, source=source, models=models, deleted_paths=deleted_paths,
+                    stale_paths=stale_paths, result=result)
         result.load_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        result.indexes_built = _ensure_indexes(conn, models, maintenance_work_mem, parallel_workers)
+        result.indexes_built = _ensure_indexes(conn, indexed, maintenance_work_mem, parallel_workers)
         result.index_seconds = time.perf_counter() - started
         result.chunks_total = count_chunks(conn)
     return result
+
+
+def load_staged(
+    conn: Connection,
+    *,
+    source: str,
+    models: Sequence[EmbeddingModel],
+    deleted_paths: Sequence[str],
+    stale_paths: Sequence[str],
+    result: LoadResult,
+) -> None:
+    """The rows part of the swap, indexes left alone; runs inside the caller's transaction."""
+    _upsert_documents(conn, source)
+    result.chunks_deleted = _delete_replaced_chunks(conn, source, deleted_paths)
+    result.documents_deleted = _delete_documents(conn, source, deleted_paths)
+    result.chunks_written = _insert_chunks(conn, source, models)
+    _mark_stale(conn, source, stale_paths)
 
 
 def _upsert_documents(conn: Connection, source: str) -> None:

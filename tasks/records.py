@@ -73,3 +73,21 @@ class Chunk:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "embed_hash", sha256_text(self.embed_text))
+
+    @property
+    def embed_header(self) -> str:
+        """The part of `embed_text` before the body (title and breadcrumb, maybe shortened).
+
+        Stored with the chunk so a backfill rebuilds the exact embed text:
+        `join_embed_text(embed_header, content)`.
+        """
+        if self.content and self.embed_text.endswith(self.content):
+            return self.embed_text[: len(self.embed_text) - len(self.content)].removesuffix("\n\n")
+        return self.embed_text if not self.content else ""
+
+
+def join_embed_text(header: str, body: str) -> str:
+    """Title and breadcrumb, a blank line, then the body; an empty part is left out."""
+    if header and body:
+        return f"{header}\n\n{body}"
+    return header or body

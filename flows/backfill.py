@@ -1,0 +1,148 @@
+"""The backfill flow: register a model, fill its column resumably, index it, and switch over if asked."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any, Literal
+
+from prefect import flow
+from pydantic import Field
+
+from config.settings import Settings
+from tasks.backfill import (
+    activate,
+    build_index,
+    check_dimensions,
+    estimate,
+    fill_column,
+    hold_backfill_lock,
+    set_status,
+)
+from tasks.db import connect, connect_migrated, database_url, index_validity
+from tasks.embed import Embedder, make_embedder
+from tasks.load import vacuum_analyze
+from tasks.registry import EmbeddingModel, ModelConfigError, choose_precision, find_model, register_model
+from tasks.stage import ProgressReporter, StageRunner, run_as_task, run_plain, stage_task
+
+Precision = Literal["vector", "halfvec"]
+
+
+def register_for_backfill(
+    conn: Any, settings: Settings, provider: str, model: str, dimensions: int, precision: Precision | None
+) -> EmbeddingModel:
+    with conn.transaction():
+        return register_model(
+            conn, provider=provider, model=model, dimensions=dimensions, status="backfilling",
+            precision=precision, hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction,
+        )
+
+
+register_stage = stage_task("register-model", register_for_backfill)
+fill_stage = stage_task("fill-column", fill_column)
+index_stage = stage_task("build-index", build_index)
+vacuum_stage = stage_task("vacuum-analyze", vacuum_analyze)
+
+
+def run_backfill(
+    settings: Settings,
+    *,
+    provider: str,
+    model: str,
+    dimensions: int,
+    precision: Precision | None = None,
+    batch_size: int = 500,
+    activate_when_done: bool = False,
+    dry_run: bool = False,
+    runner: StageRunner = run_plain,
+    embedder: Embedder | None = None,
+) -> dict[str, Any]:
+    """Add (or finish) the column of `provider/model/dimensions`; returns a summary."""
+    clock = time.perf_counter()
+    choose_precision(dimensions, precision)  # refuses an impossible precision before anything else
+    url = database_url(settings)
+    with connect_migrated(url) as conn, connect(url) as cache_conn:
+        existing = find_model(conn, provider, model, dimensions)
+        if existing is not None and existing.status == "retired":
+            raise ModelConfigError(f"model {existing.slug} was retired; it cannot be backfilled again")
+        if dry_run:
+            return _dry_run_summary(conn, existing, settings, provider, model, dimensions)
+        embedder = embedder or make_embedder(provider, model, dimensions, settings)
+        asyncio.run(check_dimensions(embedder))
+        registered = runner(register_stage, conn, settings, provider, model, dimensions, precision)
+        hold_backfill_lock(conn, registered)
+        stats = runner(
+            fill_stage, conn, cache_conn, registered, embedder, settings, batch_size=batch_size,
+            progress=ProgressReporter("backfill-progress", f"Backfilling {registered.column_name}"),
+        )
+        built = runner(index_stage, conn, registered, settings)
+        vacuum_seconds = runner(vacuum_stage, conn)
+        if registered.status == "backfilling":
+            set_status(conn, registered.slug, "ready")
+        if activate_when_done:
+            activate(conn, registered.slug)
+        remaining = estimate(conn, registered, 0.0).rows
+        final = find_model(conn, provider, model, dimensions)
+        assert final is not None
+        return {
+            "dry_run": False,
+            "model": _describe(final),
+            "rows": {
+                "missing_at_start": stats.rows_missing_at_start,
+                "filled": stats.rows_filled,
+                "remaining": remaining,
+            },
+            "embeddings": {
+                "cache_hits": stats.cache_hits,
+                "embedded": stats.embed.embedded,
+                "tokens": stats.embed.tokens,
+                "truncated": stats.embed.truncated,
+                "retries": stats.embed.retries,
+                "estimated_cost_usd": round(stats.embed.tokens * settings.cost_per_million_tokens / 1e6, 6),
+            },
+            "index": {"built": built, "valid": index_validity(conn).get(final.index_name) is True},
+            "seconds": {"vacuum": round(vacuum_seconds, 3), "total": round(time.perf_counter() - clock, 3)},
+        }
+
+
+def _dry_run_summary(
+    conn: Any, existing: EmbeddingModel | None, settings: Settings, provider: str, model: str, dimensions: int
+) -> dict[str, Any]:
+    plan = estimate(conn, existing, settings.cost_per_million_tokens)
+    return {
+        "dry_run": True,
+        "model": _describe(existing) if existing else {"model_key": f"{provider}:{model}:{dimensions}"},
+        "rows": {"to_fill": plan.rows},
+        "embeddings": {"tokens": plan.tokens, "estimated_cost_usd": plan.estimated_cost_usd},
+    }
+
+
+def _describe(model: EmbeddingModel) -> dict[str, Any]:
+    return {
+        "slug": model.slug, "model_key": model.model_key, "column": model.column_name,
+        "precision": model.precision, "dimensions": model.dimensions, "status": model.status,
+    }
+
+
+@flow(name="backfill", log_prints=True)
+def backfill(
+    provider: Annotated[Literal["openai", "sentence-transformers", "hash"], Field(description="Embedding provider")],
+    model: Annotated[str, Field(min_length=1, description="Model name, e.g. text-embedding-3-small")],
+    dimensions: Annotated[int, Field(ge=1, le=4000, description="Vector dimensions of the model")],
+    precision: Annotated[
+        Precision | None, Field(description="vector or halfvec; empty picks halfvec above 2,000 dimensions")
+    ] = None,
+    batch_size: Annotated[int, Field(ge=1, le=10_000, description="Rows per committed batch")] = 500,
+    activate: Annotated[bool, Field(description="Make it the primary model once complete")] = False,
+    dry_run: Annotated[bool, Field(description="Only count rows, tokens and cost")] = False,
+    profile: Annotated[Literal["dev", "prod"] | None, Field(description="Settings profile")] = None,
+    settings_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Add an embedding-model column, fill it in resumable batches, index it, and optionally switch to it."""
+    from config.settings import load_settings
+
+    settings = load_settings(profile, **(settings_overrides or {}))
+    return run_backfill(
+        settings, provider=provider, model=model, dimensions=dimensions, precision=precision,
+        batch_size=batch_size, activate_when_done=activate, dry_run=dry_run, runner=run_as_task,
+    )

@@ -81,7 +81,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         f"source     {summary['source']}",
         f"documents  {d['seen']} seen: {d['new']} new, {d['changed']} changed, {d['unchanged']} unchanged,"
-        f" {d['deleted']} deleted, {d['failed']} failed",
+        f" {d['deleted']} deleted, {d['failed']} failed, {d['excluded']} excluded by rag_include",
         f"chunks     {c['written']} written, {c['deleted']} deleted, {c['total']} in the table",
         f"embeddings {e['cache_hits']} cache hits, {e['cache_misses']} misses, {e['embedded']} embedded,"
         f" {e['tokens']} tokens, {e['truncated']} truncated, ~${e['estimated_cost_usd']:.4f}",

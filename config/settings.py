@@ -103,6 +103,15 @@ class Settings(BaseSettings):
     lock_timeout_seconds: float = Field(default=600.0, ge=0)
     """How long a run waits for another run's lock before giving up."""
 
+    # --- search -------------------------------------------------------------
+    search_min_score: float | None = Field(default=None, ge=-1, le=1)
+    """Minimum cosine similarity of a search hit to the query (vector and hybrid modes; in
+    hybrid, lexical candidates are held to it too). Unset: no floor."""
+    search_ef_search: int = Field(default=40, ge=1, le=1000)
+    """hnsw.ef_search for vector search (raised to the number of candidates asked for)."""
+    search_rrf_k: int = Field(default=60, ge=1)
+    """The k of Reciprocal Rank Fusion in hybrid search."""
+
     @field_validator("include", "exclude", mode="before")
     @classmethod
     def _split_globs(cls, value: Any) -> Any:

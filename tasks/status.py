@@ -7,7 +7,9 @@ from typing import Any
 from psycopg import sql
 
 from tasks.db import Connection, index_validity
-from tasks.registry import list_models
+from tasks.registry import hnsw_index_name, list_models
+
+LEXICAL_INDEX = "chunks_tsv_gin"
 
 
 def model_coverage(conn: Connection) -> list[dict[str, Any]]:
@@ -52,6 +54,42 @@ def document_counts(conn: Connection) -> dict[str, int]:
     return counts
 
 
+def neural_readiness(models: list[dict[str, Any]], chunks: int) -> dict[str, Any]:
+    """Ready only when a primary model exists, every chunk has a vector in its column, and its
+    HNSW index is present and valid; otherwise `problems` says what is missing."""
+    primary = next((m for m in models if m["status"] == "active"), None)
+    problems = []
+    if primary is None:
+        problems.append("no active (primary) embedding model")
+    else:
+        if primary["missing"]:
+            problems.append(f"{primary['missing']} of {chunks} chunks have no vector in {primary['column']}")
+        if not primary["index_present"]:
+            problems.append(f"index {_index_name(primary)} is missing")
+        elif not primary["index_valid"]:
+            problems.append(f"index {_index_name(primary)} is INVALID (rebuild it)")
+    if chunks == 0:
+        problems.append("the database holds no chunks")
+    return {"ready": not problems, "model": primary["slug"] if primary else None, "problems": problems}
+
+
+def lexical_readiness(conn: Connection, chunks: int) -> dict[str, Any]:
+    """Ready when chunks exist and the full-text GIN index is present and valid."""
+    valid = index_validity(conn).get(LEXICAL_INDEX)
+    problems = []
+    if valid is None:
+        problems.append(f"index {LEXICAL_INDEX} is missing")
+    elif not valid:
+        problems.append(f"index {LEXICAL_INDEX} is INVALID (rebuild it)")
+    if chunks == 0:
+        problems.append("the database holds no chunks")
+    return {"ready": not problems, "problems": problems}
+
+
+def _index_name(model: dict[str, Any]) -> str:
+    return hnsw_index_name(str(model["column"]))
+
+
 def database_status(conn: Connection) -> dict[str, Any]:
     models = model_coverage(conn)
     primary = next((m for m in models if m["status"] == "active"), None)
@@ -61,6 +99,10 @@ def database_status(conn: Connection) -> dict[str, Any]:
         "chunks": chunks,
         "models": models,
         "primary_model": primary["slug"] if primary else None,
+        "search": {
+            "neural": neural_readiness(models, chunks),
+            "lexical": lexical_readiness(conn, chunks),
+        },
     }
 
 
@@ -69,14 +111,25 @@ def _count(conn: Connection, table: str) -> int:
     return int(row[0]) if row else 0
 
 
+def _readiness_line(readiness: dict[str, Any]) -> str:
+    if readiness["ready"]:
+        return "ready"
+    return "NOT READY: " + "; ".join(readiness["problems"])
+
+
 def format_status(status: dict[str, Any]) -> str:
     docs = status["documents"]
     lines = [
         f"documents  {docs.get('active', 0)} active, {docs.get('stale', 0)} stale",
         f"chunks     {status['chunks']}",
         f"primary    {status['primary_model'] or '(none)'}",
-        "models:",
     ]
+    if "search" in status:
+        lines += [
+            f"neural     {_readiness_line(status['search']['neural'])}",
+            f"lexical    {_readiness_line(status['search']['lexical'])}",
+        ]
+    lines.append("models:")
     for m in status["models"]:
         index = "index ok" if m["index_valid"] else ("index INVALID" if m["index_present"] else "no index")
         lines.append(

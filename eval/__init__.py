@@ -1,0 +1,1 @@
+"""Labelled retrieval fixtures and the scripts that build them."""

@@ -1,0 +1,178 @@
+"""The evaluate flow: load the cases, embed their queries once per model, search them in every
+mode, score, publish a table artifact, and (for deployments) fail under a threshold."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from config.settings import Settings
+from tasks.db import Connection, open_database
+from tasks.embed import Embedder, Vectors, make_embedder
+from tasks.evaluate import (
+    GATE_TOLERANCE,
+    EvalCase,
+    EvalSummary,
+    gate_failures,
+    load_cases,
+    publish_artifacts,
+    run_cases,
+    summarize,
+    threshold_failures,
+)
+from tasks.registry import EmbeddingModel
+from tasks.search import (
+    SEARCH_MODES,
+    CorpusStats,
+    SearchMode,
+    SearchOptions,
+    corpus_stats,
+    embed_queries,
+    options_from_settings,
+    resolve_model,
+)
+from tasks.stage import StageRunner, run_as_task, run_plain, stage_task
+
+EmbedderFactory = Callable[[EmbeddingModel, Settings], Embedder]
+Report = dict[str, Any]
+
+
+class QualityGateFailed(RuntimeError):
+    """Retrieval fell under a threshold or below the baseline; the message lists each miss."""
+
+    def __init__(self, failures: Sequence[str]) -> None:
+        super().__init__("retrieval quality gate failed:\n  " + "\n  ".join(failures))
+        self.failures = list(failures)
+
+
+def default_embedder(model: EmbeddingModel, settings: Settings) -> Embedder:
+    return make_embedder(model.provider, model.model, model.dimensions, settings)
+
+
+def embed_case_queries(embedder: Embedder, cases: Sequence[EvalCase], settings: Settings) -> Vectors:
+    return embed_queries(embedder, [case.query for case in cases], settings)
+
+
+def run_mode(
+    conn: Connection,
+    cases: Sequence[EvalCase],
+    options: SearchOptions,
+    model: EmbeddingModel | None,
+    vectors: Vectors | None,
+    stats: CorpusStats,
+) -> EvalSummary:
+    results = run_cases(conn, cases, options=options, model=model, vectors=vectors, stats=stats)
+    return summarize(options.mode, model.slug if model else None, options.k, results)
+
+
+load_cases_stage = stage_task("load-cases", load_cases)
+embed_stage = stage_task("embed-queries", embed_case_queries)
+run_mode_stage = stage_task("run-cases", run_mode)
+
+
+def run_evaluation(
+    settings: Settings,
+    cases_path: Path,
+    *,
+    modes: Sequence[SearchMode] = SEARCH_MODES,
+    models: Sequence[str | None] = (None,),
+    k: int = 10,
+    runner: StageRunner = run_plain,
+    embedder_factory: EmbedderFactory = default_embedder,
+    **search_overrides: Any,
+) -> Report:
+    """Every case in every mode, per model (None: the active one); lexical runs once, needing none.
+
+    Returns `{"cases_file", "cases", "k", "results": [one object per (mode, model)]}`.
+    """
+    options = options_from_settings(settings, k=k, **search_overrides)
+    cases = runner(load_cases_stage, cases_path)
+    summaries: list[EvalSummary] = []
+    with open_database(settings) as conn:
+        stats = corpus_stats(conn)
+        resolved = _resolve_models(conn, models) if set(modes) - {"lexical"} else []
+        for model in resolved:
+            vectors = runner(embed_stage, embedder_factory(model, settings), cases, settings)
+            for mode in (m for m in modes if m != "lexical"):
+                mode_options = _with_mode(options, mode)
+                summaries.append(runner(run_mode_stage, conn, cases, mode_options, model, vectors, stats))
+        if "lexical" in modes:
+            lexical = _with_mode(options, "lexical")
+            summaries.append(runner(run_mode_stage, conn, cases, lexical, None, None, stats))
+    summaries.sort(key=lambda s: (SEARCH_MODES.index(s.mode), _model_order(s.model, resolved)))
+    publish_artifacts(summaries, str(cases_path))
+    return {
+        "cases_file": str(cases_path),
+        "cases": len(cases),
+        "k": k,
+        "results": [s.to_dict() for s in summaries],
+    }
+
+
+def _resolve_models(conn: Connection, slugs: Sequence[str | None]) -> list[EmbeddingModel]:
+    resolved: list[EmbeddingModel] = []
+    for slug in slugs:
+        model = resolve_model(conn, slug)
+        if model not in resolved:
+            resolved.append(model)
+    return resolved
+
+
+def _with_mode(options: SearchOptions, mode: SearchMode) -> SearchOptions:
+    return replace(options, mode=mode)
+
+
+def _model_order(slug: str | None, models: Sequence[EmbeddingModel]) -> int:
+    slugs = [m.slug for m in models]
+    return slugs.index(slug) if slug in slugs else len(slugs)
+
+
+def gate(
+    report: Report,
+    *,
+    fail_under: Mapping[str, float] | None = None,
+    baseline: Path | None = None,
+    tolerance: float = GATE_TOLERANCE,
+) -> list[str]:
+    """Every threshold missed and every metric more than `tolerance` below the baseline file."""
+    failures: list[str] = []
+    if fail_under:
+        failures += threshold_failures(report["results"], fail_under)
+    if baseline is not None:
+        expected = json.loads(baseline.read_text(encoding="utf-8"))
+        failures += gate_failures(report["results"], expected["results"], tolerance=tolerance)
+    return failures
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    cases: str,
+    modes: list[SearchMode] | None = None,
+    models: list[str | None] | None = None,
+    k: int = 10,
+    search_options: dict[str, Any] | None = None,
+    fail_under: dict[str, float] | None = None,
+    baseline: str | None = None,
+    tolerance: float = GATE_TOLERANCE,
+    profile: str | None = None,
+    settings_overrides: dict[str, Any] | None = None,
+) -> Report:
+    """Measure retrieval on labelled cases: pass@1, pass@3, pass@k, recall@k, MRR and nDCG@10
+    per (mode, model). Fails the run when a metric is under `fail_under` or below the baseline."""
+    from config.settings import load_settings
+
+    settings = load_settings(profile, **(settings_overrides or {}))
+    report = run_evaluation(
+        settings, Path(cases), modes=modes or list(SEARCH_MODES), models=models or [None], k=k,
+        runner=run_as_task, **(search_options or {}),
+    )
+    failures = gate(report, fail_under=fail_under, baseline=Path(baseline) if baseline else None,
+                    tolerance=tolerance)
+    if failures:
+        raise QualityGateFailed(failures)
+    return report

@@ -70,7 +70,7 @@ async def check_dimensions(embedder: Embedder) -> None:
 
 def estimate(conn: Connection, model: EmbeddingModel | None, cost_per_million: float) -> BackfillEstimate:
     """Rows still to fill and their tokens (all chunks when the column does not exist yet)."""
-    where = sql.SQL("")
+    where: sql.Composable = sql.SQL("")
     if model is not None:
         where = sql.SQL(" WHERE {} IS NULL").format(sql.Identifier(model.column_name))
     row = conn.execute(sql.SQL("SELECT count(*), coalesce(sum(token_count), 0) FROM chunks{}").format(where)).fetchone()

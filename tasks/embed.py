@@ -182,7 +182,7 @@ class SentenceTransformerEmbedder:
                 f"{model} produces {actual} dimensions, but {dimensions} were configured",
                 model_key=self.model_key,
             )
-        self.max_input_tokens = int(self.model.max_seq_length)
+        self.max_input_tokens = int(self.model.max_seq_length or 256)
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
         return await asyncio.to_thread(self.encode, texts)

@@ -152,9 +152,11 @@ def choose_index_plan(
         return IndexPlan(strategy, False, "forced")
     share = rows_changed / max(table_rows, 1)
     drop = rows_changed >= drop_min_rows and share >= drop_fraction
-    return IndexPlan(
-        strategy, drop, f"{rows_changed} rows change, {share:.1%} of {table_rows} (threshold {drop_fraction:.0%})"
-    )
+    if table_rows == 0:
+        reason = f"first load of {rows_changed} rows (drop from {drop_min_rows})"
+    else:
+        reason = f"{rows_changed} rows change, {share:.1%} of {table_rows} (threshold {drop_fraction:.0%})"
+    return IndexPlan(strategy, drop, reason)
 
 
 def count_chunks(conn: Connection) -> int:

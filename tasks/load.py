@@ -251,15 +251,16 @@ def _delete_documents(conn: Connection, source: str, paths: Sequence[str]) -> in
 
 def _insert_chunks(conn: Connection, source: str, models: Sequence[EmbeddingModel]) -> int:
     columns = [sql.Identifier(m.column_name) for m in models]
+    aliases = [sql.Identifier(f"cache_{i}") for i in range(len(models))]
     vectors = [
-        sql.SQL("c{i}.embedding::{type}").format(i=sql.SQL(str(i)), type=m.column_type)
-        for i, m in enumerate(models)
+        sql.SQL("{alias}.embedding::{type}").format(alias=alias, type=m.column_type)
+        for alias, m in zip(aliases, models)
     ]
     joins = [
-        sql.SQL(" JOIN embedding_cache c{i} ON c{i}.model_key = {key} AND c{i}.content_hash = s.embed_hash").format(
-            i=sql.SQL(str(i)), key=sql.Literal(m.model_key)
-        )
-        for i, m in enumerate(models)
+        sql.SQL(
+            " JOIN embedding_cache {alias} ON {alias}.model_key = {key} AND {alias}.content_hash = s.embed_hash"
+        ).format(alias=alias, key=sql.Literal(m.model_key))
+        for alias, m in zip(aliases, models)
     ]
     query = sql.SQL(
         "INSERT INTO chunks (document_id, ordinal, heading_path, content, embed_hash, token_count,"

@@ -38,6 +38,8 @@ class PrepareStats:
     failures: list[FileFailure] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     """Paths whose frontmatter says `rag_include: false`."""
+    empty: list[FileFailure] = field(default_factory=list)
+    """Pages stored without chunks because they hold no text, with the reason."""
     embed: EmbedStats = field(default_factory=EmbedStats)
     chunk_seconds: float = 0.0
     cache_seconds: float = 0.0
@@ -107,7 +109,7 @@ def _read_and_chunk(
     found: FoundFile, settings: Settings, cap: int, stats: PrepareStats
 ) -> tuple[ParsedDocument, list[Chunk]] | None:
     try:
-        doc = read_document(found)
+        doc = read_document(found, max_bytes=settings.max_file_bytes)
     except DocumentError as exc:
         log.warning("skipping %s: %s", exc.path, exc.reason)
         stats.failures.append(FileFailure(exc.path, exc.reason))
@@ -121,7 +123,15 @@ def _read_and_chunk(
     )
     stats.documents += 1
     stats.chunks += len(chunks)
+    if not chunks:
+        stats.empty.append(FileFailure(doc.path, f"{_why_empty(doc)}: stored without chunks"))
     return doc, chunks
+
+
+def _why_empty(doc: ParsedDocument) -> str:
+    if doc.body.strip():
+        return "headings only, no text"
+    return "frontmatter only" if doc.frontmatter else "empty page"
 
 
 async def _flush(

@@ -50,11 +50,16 @@ class EmbeddingModel:
 
     @property
     def column_type(self) -> sql.Composable:
-        return sql.SQL("{}({})").format(sql.SQL(self.precision), sql.Literal(self.dimensions))
+        return sql.SQL("{}({})").format(_PRECISION_TYPES[self.precision], sql.Literal(self.dimensions))
 
     @property
     def opclass(self) -> sql.Composable:
-        return sql.SQL(f"{self.precision}_cosine_ops")
+        return _COSINE_OPCLASSES[self.precision]
+
+
+# Only these constant texts ever reach SQL for a precision; anything else is a KeyError.
+_PRECISION_TYPES = {"vector": sql.SQL("vector"), "halfvec": sql.SQL("halfvec")}
+_COSINE_OPCLASSES = {"vector": sql.SQL("vector_cosine_ops"), "halfvec": sql.SQL("halfvec_cosine_ops")}
 
 
 def validate_slug(slug: str) -> str:

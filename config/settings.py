@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     """Request budget of the embedding API, shared by this run's batches."""
     tokens_per_minute: int | None = Field(default=None, ge=1)
     """Token budget of the embedding API."""
+    embed_concurrency_limit: str | None = None
+    """Name of a Prefect global concurrency limit each embedding request holds while in
+    flight, so several flows share one API budget. Unset: none."""
+    embed_rate_limit: str | None = None
+    """Name of a Prefect global concurrency limit with slot decay (a rate limit); each
+    embedding request takes one slot. Unset: none."""
     cost_per_million_tokens: float = Field(default=0.0, ge=0)
     """Price used for the cost estimate in the summary (0.02 for text-embedding-3-small)."""
 

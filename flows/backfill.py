@@ -124,21 +124,31 @@ def _describe(model: EmbeddingModel) -> dict[str, Any]:
     }
 
 
-@flow(name="backfill", log_prints=True)
+@flow(name="backfill", log_prints=True, persist_result=False)
 def backfill(
-    provider: Annotated[Literal["openai", "sentence-transformers", "hash"], Field(description="Embedding provider")],
-    model: Annotated[str, Field(min_length=1, description="Model name, e.g. text-embedding-3-small")],
-    dimensions: Annotated[int, Field(ge=1, le=4000, description="Vector dimensions of the model")],
-    precision: Annotated[
-        Precision | None, Field(description="vector or halfvec; empty picks halfvec above 2,000 dimensions")
-    ] = None,
-    batch_size: Annotated[int, Field(ge=1, le=10_000, description="Rows per committed batch")] = 500,
-    activate: Annotated[bool, Field(description="Make it the primary model once complete")] = False,
-    dry_run: Annotated[bool, Field(description="Only count rows, tokens and cost")] = False,
-    profile: Annotated[Literal["dev", "prod"] | None, Field(description="Settings profile")] = None,
+    provider: Literal["openai", "sentence-transformers", "hash"],
+    model: Annotated[str, Field(min_length=1)],
+    dimensions: Annotated[int, Field(ge=1, le=4000)],
+    precision: Precision | None = None,
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500,
+    activate: bool = False,
+    dry_run: bool = False,
+    profile: Literal["dev", "prod"] | None = None,
     settings_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Add an embedding-model column, fill it in resumable batches, index it, and optionally switch to it."""
+    """Add an embedding-model column, fill it in resumable batches, index it, and optionally switch to it.
+
+    Args:
+        provider: Embedding provider of the new model.
+        model: Model name, e.g. text-embedding-3-small.
+        dimensions: Vector dimensions of the model (HNSW indexes up to 2,000 as vector, 4,000 as halfvec).
+        precision: vector or halfvec. Empty: halfvec above 2,000 dimensions, else vector.
+        batch_size: Rows per committed batch.
+        activate: Make it the primary model once its column is complete and indexed.
+        dry_run: Only count the rows, tokens and estimated cost; spend nothing.
+        profile: Settings profile from config/ (dev or prod). Empty: the environment.
+        settings_overrides: Advanced: any other setting by field name.
+    """
     from config.settings import load_settings
 
     settings = load_settings(profile, **(settings_overrides or {}))

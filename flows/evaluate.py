@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 
@@ -159,11 +159,25 @@ def evaluate(
     fail_under: dict[str, float] | None = None,
     baseline: str | None = None,
     tolerance: float = GATE_TOLERANCE,
-    profile: str | None = None,
+    profile: Literal["dev", "prod"] | None = None,
     settings_overrides: dict[str, Any] | None = None,
 ) -> Report:
     """Measure retrieval on labelled cases: pass@1, pass@3, pass@k, recall@k, MRR and nDCG@10
-    per (mode, model). Fails the run when a metric is under `fail_under` or below the baseline."""
+    per (mode, model). Fails the run when a metric is under `fail_under` or below the baseline.
+
+    Args:
+        cases: Path of a JSONL file of cases (id, query, expected_paths, optional namespace and
+            expected_headings), as seen by the machine that runs the flow.
+        modes: Search modes to measure: vector, lexical, hybrid. Empty: all three.
+        models: Model slugs to measure. Empty: the primary model.
+        k: Results read per query for pass@k, recall@k and MRR.
+        search_options: Advanced: search options (min_score, ef_search, rrf_k).
+        fail_under: Metric thresholds, e.g. {"mrr": 0.8}; the run fails under any of them.
+        baseline: Path of a baseline JSON report; the run fails more than `tolerance` below it.
+        tolerance: How far below the baseline a metric may fall.
+        profile: Settings profile from config/ (dev or prod). Empty: the environment.
+        settings_overrides: Advanced: any other setting by field name.
+    """
     from config.settings import load_settings
 
     settings = load_settings(profile, **(settings_overrides or {}))

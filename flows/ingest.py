@@ -11,6 +11,21 @@ from typing import Any
 from prefect import flow
 
 from config.settings import Settings
+from flows.params import (
+    BatchSize,
+    Chunker,
+    Dimensions,
+    Globs,
+    IndexStrategyChoice,
+    ModelName,
+    Profile,
+    Provider,
+    SettingsOverrides,
+    SourceName,
+    SourcePath,
+    existing_folder,
+    run_settings,
+)
 from tasks.db import connect, connect_migrated, database_url
 from tasks.embed import Embedder, make_embedder
 from tasks.load import (
@@ -48,7 +63,7 @@ def vacuum(conn: Any) -> float:
 
 
 discover_stage = stage_task("discover", discover_and_plan)
-prepare_stage = stage_task("chunk-and-embed", prepare_changes)
+prepare_stage = stage_task("chunk-and-embed", prepare_changes, retries=0)  # it stages rows: not idempotent
 load_stage = stage_task("load-and-index", swap_in)
 vacuum_stage = stage_task("vacuum-analyze", vacuum)
 report_stage = stage_task("report", record_run)
@@ -171,6 +186,8 @@ def build_summary(
             "estimated_cost_usd": round(embed.tokens * cost_per_million / 1_000_000, 6),
         },
         "failures": [{"path": f.path, "reason": f.reason} for f in failures],
+        "skipped": [{"path": f.path, "reason": f.reason} for f in prepared.empty]
+        + [{"path": path, "reason": "rag_include: false"} for path in prepared.excluded],
         "index": {
             "strategy": index_plan.strategy,
             "dropped": loaded.indexes_dropped,
@@ -191,18 +208,89 @@ def build_summary(
     }
 
 
-@flow(name="ingest", log_prints=True)
-def ingest(
-    source: str,
-    full_refresh: bool = False,
-    source_name: str | None = None,
-    profile: str | None = None,
-    settings_overrides: dict[str, Any] | None = None,
-) -> Summary:
-    """Sync a folder of Markdown into Postgres + pgvector, embedding only what changed."""
-    from config.settings import load_settings
 
-    settings = load_settings(profile, **(settings_overrides or {}))
+
+@flow(name="ingest", log_prints=True, persist_result=False)
+def ingest(
+    source: SourcePath,
+    full_refresh: bool = False,
+    source_name: SourceName = None,
+    profile: Profile = None,
+    include: Globs = None,
+    exclude: Globs = None,
+    chunker: Chunker = None,
+    provider: Provider = None,
+    model: ModelName = None,
+    dimensions: Dimensions = None,
+    batch_size: BatchSize = None,
+    index_strategy: IndexStrategyChoice = None,
+    settings_overrides: SettingsOverrides = None,
+) -> Summary:
+    """Sync a folder of Markdown into Postgres + pgvector, embedding only what changed.
+
+    Args:
+        source: Folder of Markdown pages, as seen by the machine that runs the flow.
+        full_refresh: Re-chunk every file, changed or not (cached vectors are still reused).
+        source_name: Name the documents are stored under. Empty: the folder's absolute path.
+        profile: Settings profile from config/ (dev: local model; prod: OpenAI). Empty: the environment.
+        include: Globs of files to ingest, relative to the source. Empty: RAGINGEST_INCLUDE or Markdown.
+        exclude: Globs of files to leave out; they win over include. Empty: RAGINGEST_EXCLUDE.
+        chunker: headings (sections by heading) or tokens (fixed windows). Empty: RAGINGEST_CHUNKER.
+        provider: Embedding provider. Empty: EMBEDDING_PROVIDER.
+        model: Embedding model name. Empty: EMBEDDING_MODEL.
+        dimensions: Vector dimensions of the model. Empty: EMBEDDING_DIMENSIONS.
+        batch_size: Most texts per embedding request. Empty: RAGINGEST_EMBED_BATCH_INPUTS.
+        index_strategy: auto, drop (drop HNSW, load, rebuild) or keep. Empty: RAGINGEST_INDEX_STRATEGY.
+        settings_overrides: Advanced: any other setting by field name. Secrets are refused here.
+    """
+    folder = existing_folder(source)
+    settings = run_settings(
+        profile, settings_overrides, include=include, exclude=exclude, chunker=chunker, provider=provider,
+        model=model, dimensions=dimensions, batch_size=batch_size, index_strategy=index_strategy,
+    )
     return run_ingest(
-        settings, Path(source), source_name=source_name, full_refresh=full_refresh, runner=run_as_task
+        settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task
+    )
+
+
+@flow(name="bulk-load", log_prints=True, persist_result=False)
+def bulk_load(
+    source: SourcePath,
+    full_refresh: bool = False,
+    source_name: SourceName = None,
+    profile: Profile = None,
+    include: Globs = None,
+    exclude: Globs = None,
+    chunker: Chunker = None,
+    provider: Provider = None,
+    model: ModelName = None,
+    dimensions: Dimensions = None,
+    batch_size: BatchSize = None,
+    settings_overrides: SettingsOverrides = None,
+) -> Summary:
+    """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE.
+
+    The same sync as `ingest`, with the index strategy forced to `drop`.
+
+    Args:
+        source: Folder of Markdown pages, as seen by the machine that runs the flow.
+        full_refresh: Re-chunk every file, changed or not (cached vectors are still reused).
+        source_name: Name the documents are stored under. Empty: the folder's absolute path.
+        profile: Settings profile from config/ (dev: local model; prod: OpenAI). Empty: the environment.
+        include: Globs of files to ingest, relative to the source. Empty: RAGINGEST_INCLUDE or Markdown.
+        exclude: Globs of files to leave out; they win over include. Empty: RAGINGEST_EXCLUDE.
+        chunker: headings (sections by heading) or tokens (fixed windows). Empty: RAGINGEST_CHUNKER.
+        provider: Embedding provider. Empty: EMBEDDING_PROVIDER.
+        model: Embedding model name. Empty: EMBEDDING_MODEL.
+        dimensions: Vector dimensions of the model. Empty: EMBEDDING_DIMENSIONS.
+        batch_size: Most texts per embedding request. Empty: RAGINGEST_EMBED_BATCH_INPUTS.
+        settings_overrides: Advanced: any other setting by field name. Secrets are refused here.
+    """
+    folder = existing_folder(source)
+    settings = run_settings(
+        profile, settings_overrides, include=include, exclude=exclude, chunker=chunker, provider=provider,
+        model=model, dimensions=dimensions, batch_size=batch_size, index_strategy="drop",
+    )
+    return run_ingest(
+        settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task
     )

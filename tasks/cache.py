@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from psycopg import errors
 
 from tasks.db import Connection
 from tasks.embed import Vectors
@@ -34,7 +35,26 @@ def fetch_vectors(conn: Connection, model_key: str, hashes: Sequence[bytes]) -> 
 
 
 def write_vectors(conn: Connection, model_key: str, hashes: Sequence[bytes], vectors: Vectors) -> None:
-    """Store one embedded batch and commit it at once (binary COPY, duplicates ignored)."""
+    """Store one embedded batch and commit it at once (binary COPY, duplicates ignored).
+
+    The batch is COPYed straight into the cache. Only when a hash is there already
+    (another run wrote it meanwhile) does it go again through a staging table and
+    `ON CONFLICT DO NOTHING`: the straight COPY costs half as much per batch.
+    """
+    try:
+        with conn.transaction(), conn.cursor() as cur, cur.copy(
+            "COPY embedding_cache (model_key, content_hash, embedding) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["text", "bytea", "vector"])
+            for content_hash, vector in zip(hashes, vectors, strict=True):
+                copy.write_row((model_key, content_hash, vector))
+    except errors.UniqueViolation:
+        _write_skipping_duplicates(conn, model_key, hashes, vectors)
+
+
+def _write_skipping_duplicates(
+    conn: Connection, model_key: str, hashes: Sequence[bytes], vectors: Vectors
+) -> None:
     with conn.transaction():
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS cache_incoming"
@@ -44,7 +64,7 @@ def write_vectors(conn: Connection, model_key: str, hashes: Sequence[bytes], vec
             "COPY cache_incoming (content_hash, embedding) FROM STDIN (FORMAT BINARY)"
         ) as copy:
             copy.set_types(["bytea", "vector"])
-            for content_hash, vector in zip(hashes, vectors):
+            for content_hash, vector in zip(hashes, vectors, strict=True):
                 copy.write_row((content_hash, vector))
         conn.execute(
             "INSERT INTO embedding_cache (model_key, content_hash, embedding)"

@@ -312,6 +312,8 @@ class EmbedPolicy:
             max_backoff=settings.embed_max_backoff_seconds,
             requests_per_minute=settings.requests_per_minute,
             tokens_per_minute=settings.tokens_per_minute,
+            concurrency_limit=settings.embed_concurrency_limit,
+            rate_limit=settings.embed_rate_limit,
         )
 
 

@@ -152,8 +152,10 @@ class OpenAIEmbedder:
                 f"embedding API unreachable: {type(exc).__name__}", model_key=self.model_key
             ) from None
         except openai.APIStatusError as exc:
+            # The API's own message is shown, with the key masked should a server echo it.
+            message = _api_message(exc).replace(self._client_options["api_key"], "***")
             raise TerminalEmbeddingError(
-                f"embedding API refused the request with {exc.status_code}: {_api_message(exc)}",
+                f"embedding API refused the request with {exc.status_code}: {message}",
                 model_key=self.model_key,
             ) from None
         ordered = sorted(response.data, key=lambda item: item.index)

@@ -78,9 +78,7 @@ def group_pages(sections: Sequence[Section]) -> list[Page]:
     for section in sections:
         by_url.setdefault(page_url(section.link), []).append(section)
     paths = page_paths(list(by_url))
-    return [
-        Page(url, paths[url], page_title(paths[url]), tuple(members)) for url, members in by_url.items()
-    ]
+    return [Page(url, paths[url], page_title(paths[url]), tuple(members)) for url, members in by_url.items()]
 
 
 def page_paths(urls: Sequence[str]) -> dict[str, str]:
@@ -93,8 +91,7 @@ def page_paths(urls: Sequence[str]) -> dict[str, str]:
     relative = {url: p[shared:] for url, p in parts.items()}
     folders = {p[:i] for p in relative.values() for i in range(1, len(p))}
     return {
-        url: "/".join(p + ("index",) if p in folders or not p else p) + ".md"
-        for url, p in relative.items()
+        url: "/".join(p + ("index",) if p in folders or not p else p) + ".md" for url, p in relative.items()
     }
 
 
@@ -203,8 +200,11 @@ def cases_jsonl(cases: Iterable[Mapping[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.docsqa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.docsqa",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="the docs-qa folder")
     commands = parser.add_subparsers(dest="command", required=True)
     tree = commands.add_parser("tree", help="write the Markdown tree")

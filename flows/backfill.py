@@ -33,8 +33,14 @@ def register_for_backfill(
 ) -> EmbeddingModel:
     with conn.transaction():
         return register_model(
-            conn, provider=provider, model=model, dimensions=dimensions, status="backfilling",
-            precision=precision, hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction,
+            conn,
+            provider=provider,
+            model=model,
+            dimensions=dimensions,
+            status="backfilling",
+            precision=precision,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
         )
 
 
@@ -72,7 +78,13 @@ def run_backfill(
         registered = runner(register_stage, conn, settings, provider, model, dimensions, precision)
         hold_backfill_lock(conn, registered)
         stats = runner(
-            fill_stage, conn, cache_conn, registered, embedder, settings, batch_size=batch_size,
+            fill_stage,
+            conn,
+            cache_conn,
+            registered,
+            embedder,
+            settings,
+            batch_size=batch_size,
             progress=ProgressReporter("backfill-progress", f"Backfilling {registered.column_name}"),
         )
         built = runner(index_stage, conn, registered, settings)
@@ -119,8 +131,12 @@ def _dry_run_summary(
 
 def _describe(model: EmbeddingModel) -> dict[str, Any]:
     return {
-        "slug": model.slug, "model_key": model.model_key, "column": model.column_name,
-        "precision": model.precision, "dimensions": model.dimensions, "status": model.status,
+        "slug": model.slug,
+        "model_key": model.model_key,
+        "column": model.column_name,
+        "precision": model.precision,
+        "dimensions": model.dimensions,
+        "status": model.status,
     }
 
 
@@ -153,6 +169,13 @@ def backfill(
 
     settings = load_settings(profile, **(settings_overrides or {}))
     return run_backfill(
-        settings, provider=provider, model=model, dimensions=dimensions, precision=precision,
-        batch_size=batch_size, activate_when_done=activate, dry_run=dry_run, runner=run_as_task,
+        settings,
+        provider=provider,
+        model=model,
+        dimensions=dimensions,
+        precision=precision,
+        batch_size=batch_size,
+        activate_when_done=activate,
+        dry_run=dry_run,
+        runner=run_as_task,
     )

@@ -34,14 +34,20 @@ def register(commands: Any) -> None:
     activating.set_defaults(handler=activate_command)
     retiring = model_commands.add_parser("retire", help="drop a model's column and index")
     retiring.add_argument("slug")
-    retiring.add_argument("--yes", action="store_true", help="confirm: the column and its vectors are dropped")
+    retiring.add_argument(
+        "--yes", action="store_true", help="confirm: the column and its vectors are dropped"
+    )
     retiring.set_defaults(handler=retire_command)
 
 
 def run_backfill_command(args: argparse.Namespace, settings: Settings) -> int:
     options: dict[str, Any] = {
-        "provider": args.provider, "model": args.model, "dimensions": args.dimensions,
-        "precision": args.precision, "batch_size": args.batch_size, "dry_run": args.dry_run,
+        "provider": args.provider,
+        "model": args.model,
+        "dimensions": args.dimensions,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "dry_run": args.dry_run,
     }
     if args.no_prefect:
         from flows.backfill import run_backfill
@@ -68,7 +74,8 @@ def _format_backfill(summary: dict[str, Any]) -> str:
     return (
         f"{model['slug']} ({model['model_key']}, {model['precision']}) is {model['status']}: "
         f"{rows['filled']} rows filled, {rows['remaining']} remaining; {embeddings['embedded']} embedded, "
-        f"{embeddings['cache_hits']} from the cache; index {'valid' if summary['index']['valid'] else 'MISSING'}"
+        f"{embeddings['cache_hits']} from the cache; "
+        f"index {'valid' if summary['index']['valid'] else 'MISSING'}"
     )
 
 
@@ -81,7 +88,10 @@ def list_models_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(models, sort_keys=True))
         return 0
-    print(f"{'slug':<32} {'provider':<22} {'model':<26} {'dims':>5} {'precision':<9} {'status':<11} coverage  index")
+    print(
+        f"{'slug':<32} {'provider':<22} {'model':<26} {'dims':>5} {'precision':<9} {'status':<11}"
+        " coverage  index"
+    )
     for m in models:
         index = "valid" if m["index_valid"] else ("INVALID" if m["index_present"] else "-")
         print(
@@ -106,7 +116,9 @@ def retire_command(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.db import open_database
 
     if not args.yes:
-        print(f"retiring {args.slug} drops its column and every vector in it; run again with --yes to confirm")
+        print(
+            f"retiring {args.slug} drops its column and every vector in it; run again with --yes to confirm"
+        )
         return 2
     with open_database(settings) as conn:
         model = retire(conn, args.slug)

@@ -39,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="sync a folder of Markdown into the database")
     ingest.add_argument("source", type=Path, help="folder of Markdown pages")
     ingest.add_argument("--chunker", choices=["headings", "tokens"])
-    ingest.add_argument("--full-refresh", action="store_true", help="re-chunk every file (the cache still applies)")
+    ingest.add_argument(
+        "--full-refresh", action="store_true", help="re-chunk every file (the cache still applies)"
+    )
     ingest.add_argument("--index-strategy", choices=["auto", "drop", "keep"])
     ingest.add_argument("--source-name", help="name the source is stored under (default: its absolute path)")
-    ingest.add_argument("--no-prefect", action="store_true", help="run the stages directly, without a Prefect flow run")
+    ingest.add_argument(
+        "--no-prefect", action="store_true", help="run the stages directly, without a Prefect flow run"
+    )
     ingest.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     ingest.set_defaults(handler=_ingest)
 
@@ -101,13 +105,18 @@ def _ingest(args: argparse.Namespace, settings: Any) -> int:
     if args.no_prefect:
         from flows.ingest import run_ingest
 
-        summary = run_ingest(settings, args.source, source_name=args.source_name, full_refresh=args.full_refresh)
+        summary = run_ingest(
+            settings, args.source, source_name=args.source_name, full_refresh=args.full_refresh
+        )
     else:
         from flows.ingest import ingest
 
         summary = ingest(
-            source=str(args.source), full_refresh=args.full_refresh, source_name=args.source_name,
-            profile=args.profile, settings_overrides=args.settings_overrides,
+            source=str(args.source),
+            full_refresh=args.full_refresh,
+            source_name=args.source_name,
+            profile=args.profile,
+            settings_overrides=args.settings_overrides,
         )
     if args.json:
         print(json.dumps(summary, sort_keys=True))

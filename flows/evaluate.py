@@ -182,11 +182,17 @@ def evaluate(
 
     settings = load_settings(profile, **(settings_overrides or {}))
     report = run_evaluation(
-        settings, Path(cases), modes=modes or list(SEARCH_MODES), models=models or [None], k=k,
-        runner=run_as_task, **(search_options or {}),
+        settings,
+        Path(cases),
+        modes=modes or list(SEARCH_MODES),
+        models=models or [None],
+        k=k,
+        runner=run_as_task,
+        **(search_options or {}),
     )
-    failures = gate(report, fail_under=fail_under, baseline=Path(baseline) if baseline else None,
-                    tolerance=tolerance)
+    failures = gate(
+        report, fail_under=fail_under, baseline=Path(baseline) if baseline else None, tolerance=tolerance
+    )
     if failures:
         raise QualityGateFailed(failures)
     return report

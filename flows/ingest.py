@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from flows.params import (
     run_settings,
 )
 from tasks.db import connect, connect_migrated, database_url
+from tasks.discover import walk_source
 from tasks.embed import Embedder, make_embedder
 from tasks.load import (
     IndexPlan,
@@ -40,7 +41,6 @@ from tasks.load import (
     vacuum_analyze,
 )
 from tasks.plan import ChangePlan, plan_changes, stored_hashes
-from tasks.discover import walk_source
 from tasks.prepare import ModelTarget, PrepareStats, prepare_changes
 from tasks.registry import EmbeddingModel, ensure_ingest_model
 from tasks.report import Summary, publish_artifacts, record_run
@@ -53,8 +53,12 @@ def default_embedder(model: EmbeddingModel, settings: Settings) -> Embedder:
     return make_embedder(model.provider, model.model, model.dimensions, settings)
 
 
-def discover_and_plan(conn: Any, root: Path, source: str, settings: Settings, full_refresh: bool) -> ChangePlan:
-    found = walk_source(root, include=settings.include, exclude=settings.exclude, max_bytes=settings.max_file_bytes)
+def discover_and_plan(
+    conn: Any, root: Path, source: str, settings: Settings, full_refresh: bool
+) -> ChangePlan:
+    found = walk_source(
+        root, include=settings.include, exclude=settings.exclude, max_bytes=settings.max_file_bytes
+    )
     return plan_changes(found, stored_hashes(conn, source), full_refresh=full_refresh)
 
 
@@ -80,7 +84,7 @@ def run_ingest(
 ) -> Summary:
     """Sync `root` into the database; returns the summary. Wires the stages, nothing more."""
     clock = time.perf_counter()
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     root = root.resolve()
     source = source_name or str(root)
     url = database_url(settings)
@@ -95,17 +99,28 @@ def run_ingest(
             seconds["discover"] = time.perf_counter() - mark
             create_staging(conn)
             prepared = runner(
-                prepare_stage, plan.to_prepare, stage_conn=conn, cache_conn=cache_conn,
-                targets=targets, settings=settings,
-                progress=ProgressReporter("ingest-progress", f"Chunking and embedding {len(plan.to_prepare)} files"),
+                prepare_stage,
+                plan.to_prepare,
+                stage_conn=conn,
+                cache_conn=cache_conn,
+                targets=targets,
+                settings=settings,
+                progress=ProgressReporter(
+                    "ingest-progress", f"Chunking and embedding {len(plan.to_prepare)} files"
+                ),
             )
             stored = {f.path for f in plan.changed} | set(plan.deleted)
             deleted = plan.deleted + [path for path in prepared.excluded if path in stored]
             failures = plan.failed + prepared.failures
             index_plan = plan_index(conn, settings, source, plan, prepared, deleted)
             loaded = runner(
-                load_stage, conn, source=source, models=models, deleted_paths=deleted,
-                stale_paths=[f.path for f in failures], index_plan=index_plan,
+                load_stage,
+                conn,
+                source=source,
+                models=models,
+                deleted_paths=deleted,
+                stale_paths=[f.path for f in failures],
+                index_plan=index_plan,
                 maintenance_work_mem=settings.maintenance_work_mem,
                 parallel_workers=settings.max_parallel_maintenance_workers,
             )
@@ -114,9 +129,17 @@ def run_ingest(
         finally:
             release_load_lock(conn)
         summary = build_summary(
-            source=source, models=models, targets=targets, plan=plan, prepared=prepared,
-            loaded=loaded, index_plan=index_plan, failures=failures, seconds=seconds,
-            total=time.perf_counter() - clock, cost_per_million=settings.cost_per_million_tokens,
+            source=source,
+            models=models,
+            targets=targets,
+            plan=plan,
+            prepared=prepared,
+            loaded=loaded,
+            index_plan=index_plan,
+            failures=failures,
+            seconds=seconds,
+            total=time.perf_counter() - clock,
+            cost_per_million=settings.cost_per_million_tokens,
         )
         summary["run_id"] = runner(report_stage, conn, summary, started_at, failures)
     publish_artifacts(summary)
@@ -208,8 +231,6 @@ def build_summary(
     }
 
 
-
-
 @flow(name="ingest", log_prints=True, persist_result=False)
 def ingest(
     source: SourcePath,
@@ -245,8 +266,16 @@ def ingest(
     """
     folder = existing_folder(source)
     settings = run_settings(
-        profile, settings_overrides, include=include, exclude=exclude, chunker=chunker, provider=provider,
-        model=model, dimensions=dimensions, batch_size=batch_size, index_strategy=index_strategy,
+        profile,
+        settings_overrides,
+        include=include,
+        exclude=exclude,
+        chunker=chunker,
+        provider=provider,
+        model=model,
+        dimensions=dimensions,
+        batch_size=batch_size,
+        index_strategy=index_strategy,
     )
     return run_ingest(
         settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task
@@ -288,8 +317,16 @@ def bulk_load(
     """
     folder = existing_folder(source)
     settings = run_settings(
-        profile, settings_overrides, include=include, exclude=exclude, chunker=chunker, provider=provider,
-        model=model, dimensions=dimensions, batch_size=batch_size, index_strategy="drop",
+        profile,
+        settings_overrides,
+        include=include,
+        exclude=exclude,
+        chunker=chunker,
+        provider=provider,
+        model=model,
+        dimensions=dimensions,
+        batch_size=batch_size,
+        index_strategy="drop",
     )
     return run_ingest(
         settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task

@@ -47,6 +47,7 @@ SETTING_FOR_PARAMETER: dict[str, str] = {
 # worker's environment only.
 SECRET_SETTINGS = frozenset({"openai_api_key"})
 
+
 class ParameterError(ValueError):
     """A flow parameter the server could not check (a path, a settings key) is wrong."""
 

@@ -27,8 +27,13 @@ def register(commands: Any) -> None:
     search.add_argument("--mode", choices=MODES, default="hybrid", help="default: hybrid")
     search.add_argument("--model", metavar="SLUG", help="embedding column (default: the active model)")
     search.add_argument("--namespace", help="only pages in this namespace")
-    search.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                        help="only chunks whose metadata or page frontmatter has KEY=VALUE (repeatable)")
+    search.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only chunks whose metadata or page frontmatter has KEY=VALUE (repeatable)",
+    )
     _add_search_knobs(search)
     search.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     search.set_defaults(handler=_search)
@@ -37,15 +42,25 @@ def register(commands: Any) -> None:
     evaluate.add_argument(
         "cases", type=Path, help="JSON lines: id, query, expected_paths[, expected_headings, namespace]"
     )
-    evaluate.add_argument("--mode", action="append", choices=MODES, dest="modes",
-                          help="repeatable; default: vector, lexical and hybrid")
+    evaluate.add_argument(
+        "--mode",
+        action="append",
+        choices=MODES,
+        dest="modes",
+        help="repeatable; default: vector, lexical and hybrid",
+    )
     models = evaluate.add_mutually_exclusive_group()
     models.add_argument("--model", metavar="SLUG", help="embedding column (default: the active model)")
     models.add_argument("--compare", nargs=2, metavar=("SLUG_A", "SLUG_B"), help="two columns side by side")
     evaluate.add_argument("-k", type=_positive, default=10, help="cut-off of pass@k, recall@k, MRR (10)")
     _add_search_knobs(evaluate)
-    evaluate.add_argument("--fail-under", action="append", default=[], metavar="METRIC=VALUE",
-                          help="exit 1 when any (mode, model) scores under VALUE (repeatable), e.g. mrr=0.8")
+    evaluate.add_argument(
+        "--fail-under",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="exit 1 when any (mode, model) scores under VALUE (repeatable), e.g. mrr=0.8",
+    )
     evaluate.add_argument("--baseline", type=Path, help="an `eval --json` file to gate on")
     evaluate.add_argument("--tolerance", type=float, default=0.02, help="allowed drop under the baseline")
     evaluate.add_argument("--no-prefect", action="store_true", help="run without a Prefect flow run")
@@ -87,7 +102,11 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_search(
-    conn: Connection, settings: Settings, query: str, options: SearchOptions, filters: SearchFilters,
+    conn: Connection,
+    settings: Settings,
+    query: str,
+    options: SearchOptions,
+    filters: SearchFilters,
     slug: str | None,
 ) -> tuple[str | None, list[SearchHit]]:
     """Resolve the model, embed the query with it (not for lexical), and search; returns the slug and hits."""
@@ -149,6 +168,11 @@ def _run_evaluation(
 
     overrides = dict(args.settings_overrides)
     return evaluate(
-        cases=str(args.cases), modes=modes, models=models, k=args.k, profile=args.profile,
-        settings_overrides=overrides, search_options=knobs,
+        cases=str(args.cases),
+        modes=modes,
+        models=models,
+        k=args.k,
+        profile=args.profile,
+        settings_overrides=overrides,
+        search_options=knobs,
     )

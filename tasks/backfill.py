@@ -19,7 +19,15 @@ from psycopg import errors, sql
 from config.settings import Settings
 from tasks.cache import cached_hashes, write_vectors
 from tasks.db import LOAD_LOCK, Connection, index_validity
-from tasks.embed import Embedder, EmbedItem, EmbedPolicy, EmbedStats, RateBudget, TerminalEmbeddingError, embed_items
+from tasks.embed import (
+    Embedder,
+    EmbedItem,
+    EmbedPolicy,
+    EmbedStats,
+    RateBudget,
+    TerminalEmbeddingError,
+    embed_items,
+)
 from tasks.load import RunLocked
 from tasks.records import join_embed_text, sha256_text
 from tasks.registry import EmbeddingModel, ModelConfigError, create_hnsw_index, drop_hnsw_index, get_model
@@ -73,7 +81,9 @@ def estimate(conn: Connection, model: EmbeddingModel | None, cost_per_million: f
     where: sql.Composable = sql.SQL("")
     if model is not None:
         where = sql.SQL(" WHERE {} IS NULL").format(sql.Identifier(model.column_name))
-    row = conn.execute(sql.SQL("SELECT count(*), coalesce(sum(token_count), 0) FROM chunks{}").format(where)).fetchone()
+    row = conn.execute(
+        sql.SQL("SELECT count(*), coalesce(sum(token_count), 0) FROM chunks{}").format(where)
+    ).fetchone()
     rows, tokens = (int(row[0]), int(row[1])) if row else (0, 0)
     return BackfillEstimate(rows, tokens, round(tokens * cost_per_million / 1_000_000, 6))
 
@@ -105,7 +115,9 @@ def fill_column(
     while True:
         after_id, filled_this_pass = 0, 0
         while rows := _next_batch(conn, model, after_id, batch_size):
-            filled_this_pass += _fill_batch(conn, cache_conn, model, embedder, rows, policy, budget, stats, settings)
+            filled_this_pass += _fill_batch(
+                conn, cache_conn, model, embedder, rows, policy, budget, stats, settings
+            )
             after_id = rows[-1].id
             if progress is not None:
                 progress(min(stats.rows_filled, total), total)
@@ -167,7 +179,9 @@ def _update_from_cache(conn: Connection, model: EmbeddingModel, ids: list[int], 
     column = sql.Identifier(model.column_name)
     try:
         with conn.transaction():
-            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms")))
+            conn.execute(
+                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms"))
+            )
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOAD_LOCK,))
             return conn.execute(
                 sql.SQL(
@@ -207,7 +221,9 @@ def build_index(conn: Connection, model: EmbeddingModel, settings: Settings) -> 
 
 
 def set_status(conn: Connection, slug: str, status: str) -> None:
-    conn.execute("UPDATE embedding_models SET status = %s, updated_at = now() WHERE slug = %s", (status, slug))
+    conn.execute(
+        "UPDATE embedding_models SET status = %s, updated_at = now() WHERE slug = %s", (status, slug)
+    )
 
 
 def activate(conn: Connection, slug: str, *, force: bool = False) -> EmbeddingModel:
@@ -222,7 +238,9 @@ def activate(conn: Connection, slug: str, *, force: bool = False) -> EmbeddingMo
                 f"{'present' if index_ok else 'missing or invalid'}); finish its backfill or pass --force"
             )
     with conn.transaction():
-        conn.execute("UPDATE embedding_models SET status = 'ready', updated_at = now() WHERE status = 'active'")
+        conn.execute(
+            "UPDATE embedding_models SET status = 'ready', updated_at = now() WHERE status = 'active'"
+        )
         set_status(conn, slug, "active")
     activated = get_model(conn, slug)
     assert activated is not None
@@ -237,7 +255,9 @@ def retire(conn: Connection, slug: str) -> EmbeddingModel:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOAD_LOCK,))
         drop_hnsw_index(conn, model)
-        conn.execute(sql.SQL("ALTER TABLE chunks DROP COLUMN IF EXISTS {}").format(sql.Identifier(model.column_name)))
+        conn.execute(
+            sql.SQL("ALTER TABLE chunks DROP COLUMN IF EXISTS {}").format(sql.Identifier(model.column_name))
+        )
         set_status(conn, slug, "retired")
     retired = get_model(conn, slug)
     assert retired is not None

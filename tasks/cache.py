@@ -42,9 +42,13 @@ def write_vectors(conn: Connection, model_key: str, hashes: Sequence[bytes], vec
     `ON CONFLICT DO NOTHING`: the straight COPY costs half as much per batch.
     """
     try:
-        with conn.transaction(), conn.cursor() as cur, cur.copy(
-            "COPY embedding_cache (model_key, content_hash, embedding) FROM STDIN (FORMAT BINARY)"
-        ) as copy:
+        with (
+            conn.transaction(),
+            conn.cursor() as cur,
+            cur.copy(
+                "COPY embedding_cache (model_key, content_hash, embedding) FROM STDIN (FORMAT BINARY)"
+            ) as copy,
+        ):
             copy.set_types(["text", "bytea", "vector"])
             for content_hash, vector in zip(hashes, vectors, strict=True):
                 copy.write_row((model_key, content_hash, vector))
@@ -60,9 +64,10 @@ def _write_skipping_duplicates(
             "CREATE TEMP TABLE IF NOT EXISTS cache_incoming"
             " (content_hash bytea NOT NULL, embedding vector NOT NULL) ON COMMIT DELETE ROWS"
         )
-        with conn.cursor() as cur, cur.copy(
-            "COPY cache_incoming (content_hash, embedding) FROM STDIN (FORMAT BINARY)"
-        ) as copy:
+        with (
+            conn.cursor() as cur,
+            cur.copy("COPY cache_incoming (content_hash, embedding) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
             copy.set_types(["bytea", "vector"])
             for content_hash, vector in zip(hashes, vectors, strict=True):
                 copy.write_row((content_hash, vector))

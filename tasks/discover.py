@@ -309,9 +309,7 @@ def _checked_root(root: Path) -> str:
     return root_dir
 
 
-def _read_wanted_files(
-    root_dir: str, rules: _WalkRules, max_bytes: int
-) -> Iterator[FoundFile | FileFailure]:
+def _read_wanted_files(root_dir: str, rules: _WalkRules, max_bytes: int) -> Iterator[FoundFile | FileFailure]:
     candidates = _scan_tree(root_dir, rules)
     candidates.sort(key=itemgetter(0))
     for candidate in candidates:
@@ -539,11 +537,7 @@ def load_frontmatter(path: str, yaml_text: str) -> dict[str, JsonValue]:
 
 
 def _safe_load(path: str, yaml_text: str) -> object:
-    loader = (
-        _FastSafeLoader
-        if _nesting_bound(yaml_text) <= _FAST_LOADER_MAX_NESTING
-        else yaml.SafeLoader
-    )
+    loader = _FastSafeLoader if _nesting_bound(yaml_text) <= _FAST_LOADER_MAX_NESTING else yaml.SafeLoader
     try:
         return yaml.load(yaml_text, Loader=loader)
     except yaml.MarkedYAMLError as exc:

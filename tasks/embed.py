@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -87,8 +87,10 @@ class HashEmbedder:
         self.max_batch_inputs = 2048
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
-        return np.stack([hash_vector(text, self.dimensions) for text in texts]) if texts else _empty(
-            self.dimensions
+        return (
+            np.stack([hash_vector(text, self.dimensions) for text in texts])
+            if texts
+            else _empty(self.dimensions)
         )
 
     def prepare(self, text: str) -> tuple[str, bool]:
@@ -144,7 +146,8 @@ class OpenAIEmbedder:
             response = await self._client().embeddings.create(model=self.model, input=list(texts), **extra)
         except (openai.RateLimitError, openai.InternalServerError) as exc:
             raise TransientEmbeddingError(
-                f"embedding API answered {exc.status_code}", model_key=self.model_key,
+                f"embedding API answered {exc.status_code}",
+                model_key=self.model_key,
                 retry_after=retry_after_seconds(exc.response.headers),
             ) from None
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
@@ -191,7 +194,10 @@ class SentenceTransformerEmbedder:
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         vectors = self.model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
             show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
@@ -218,7 +224,9 @@ def make_embedder(provider: str, model: str, dimensions: int, settings: Settings
         return OpenAIEmbedder(model, dimensions, settings)
     if provider == "sentence-transformers":
         return SentenceTransformerEmbedder(model, dimensions)
-    raise TerminalEmbeddingError(f"unknown provider {provider!r}", model_key=model_key(provider, model, dimensions))
+    raise TerminalEmbeddingError(
+        f"unknown provider {provider!r}", model_key=model_key(provider, model, dimensions)
+    )
 
 
 # --- helpers ----------------------------------------------------------------------
@@ -350,13 +358,13 @@ class RateBudget:
                 self._refill()
                 waits = [
                     (min(cost, limit) - level) * 60.0 / limit
-                    for cost, level, limit in zip(costs, self._levels, self._limits)
+                    for cost, level, limit in zip(costs, self._levels, self._limits, strict=True)
                     if limit and level < min(cost, limit)
                 ]
                 if not waits:
                     break
                 await asyncio.sleep(max(waits))
-            for i, (cost, limit) in enumerate(zip(costs, self._limits)):
+            for i, (cost, limit) in enumerate(zip(costs, self._limits, strict=True)):
                 if limit:
                     self._levels[i] -= min(cost, limit)
 
@@ -434,8 +442,11 @@ async def _embed_with_retry(
         stats.retries += 1
         log.warning(
             "embedding batch %d-%d failed (%s); attempt %d of %d",
-            batch.start, batch.stop - 1, state.outcome.exception() if state.outcome else "?",
-            state.attempt_number, policy.max_attempts,
+            batch.start,
+            batch.stop - 1,
+            state.outcome.exception() if state.outcome else "?",
+            state.attempt_number,
+            policy.max_attempts,
         )
 
     retrying = AsyncRetrying(

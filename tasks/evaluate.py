@@ -205,7 +205,10 @@ class EvalSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "mode": self.mode, "model": self.model, "k": self.k, "cases": self.cases,
+            "mode": self.mode,
+            "model": self.model,
+            "k": self.k,
+            "cases": self.cases,
             **{name: round(self.metrics[name], 4) for name in METRICS},
             "failing": list(self.failing),
         }
@@ -243,8 +246,13 @@ def run_cases(
     for index, case in enumerate(cases):
         vector = None if vectors is None else vectors[index]
         hits = search(
-            conn, case.query, options=depth, filters=SearchFilters(namespace=case.namespace),
-            model=model, vector=vector, stats=stats,
+            conn,
+            case.query,
+            options=depth,
+            filters=SearchFilters(namespace=case.namespace),
+            model=model,
+            vector=vector,
+            stats=stats,
         )
         results.append(score_case(case, hits, options.k))
     return results
@@ -313,7 +321,10 @@ def table_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Result objects (as `EvalSummary.to_dict` gives) as flat rows: the failing ids become a count."""
     return [
         {
-            "mode": row["mode"], "model": row["model"] or "-", "k": row["k"], "cases": row["cases"],
+            "mode": row["mode"],
+            "model": row["model"] or "-",
+            "k": row["k"],
+            "cases": row["cases"],
             **{name: row[name] for name in METRICS},
             "failing": len(row["failing"]),
         }
@@ -329,7 +340,8 @@ def publish_artifacts(summaries: Sequence[EvalSummary], cases_file: str) -> bool
     if FlowRunContext.get() is None:
         return False
     create_table_artifact(
-        key="evaluation-metrics", table=table_rows([s.to_dict() for s in summaries]),
+        key="evaluation-metrics",
+        table=table_rows([s.to_dict() for s in summaries]),
         description=f"Retrieval quality on {cases_file}",
     )
     return True

@@ -108,8 +108,16 @@ def stage_documents(conn: Connection, docs: Sequence[tuple[ParsedDocument, Seque
             copy.set_types(_DOC_TYPES)
             for doc, _ in docs:
                 copy.write_row(
-                    (doc.path, doc.namespace, doc.title, doc.description, list(doc.tags),
-                     list(doc.concept_keys), Jsonb(dict(doc.frontmatter)), doc.content_hash)
+                    (
+                        doc.path,
+                        doc.namespace,
+                        doc.title,
+                        doc.description,
+                        list(doc.tags),
+                        list(doc.concept_keys),
+                        Jsonb(dict(doc.frontmatter)),
+                        doc.content_hash,
+                    )
                 )
         rows = 0
         with cur.copy(
@@ -120,8 +128,15 @@ def stage_documents(conn: Connection, docs: Sequence[tuple[ParsedDocument, Seque
             for doc, chunks in docs:
                 for chunk in chunks:
                     copy.write_row(
-                        (doc.path, chunk.ordinal, list(chunk.heading_path), chunk.content,
-                         chunk.embed_hash, chunk.token_count, Jsonb(chunk_metadata(doc, chunk)))
+                        (
+                            doc.path,
+                            chunk.ordinal,
+                            list(chunk.heading_path),
+                            chunk.content,
+                            chunk.embed_hash,
+                            chunk.token_count,
+                            Jsonb(chunk_metadata(doc, chunk)),
+                        )
                     )
                     rows += 1
     return rows
@@ -189,8 +204,14 @@ def swap_in(
             for model in indexed:
                 drop_hnsw_index(conn, model)
                 result.indexes_dropped += 1
-        load_staged(conn, source=source, models=models, deleted_paths=deleted_paths,
-                    stale_paths=stale_paths, result=result)
+        load_staged(
+            conn,
+            source=source,
+            models=models,
+            deleted_paths=deleted_paths,
+            stale_paths=stale_paths,
+            result=result,
+        )
         result.load_seconds = time.perf_counter() - started
         started = time.perf_counter()
         result.indexes_built = _ensure_indexes(conn, indexed, maintenance_work_mem, parallel_workers)
@@ -254,13 +275,14 @@ def _insert_chunks(conn: Connection, source: str, models: Sequence[EmbeddingMode
     aliases = [sql.Identifier(f"cache_{i}") for i in range(len(models))]
     vectors = [
         sql.SQL("{alias}.embedding::{type}").format(alias=alias, type=m.column_type)
-        for alias, m in zip(aliases, models)
+        for alias, m in zip(aliases, models, strict=True)
     ]
     joins = [
         sql.SQL(
-            " JOIN embedding_cache {alias} ON {alias}.model_key = {key} AND {alias}.content_hash = s.embed_hash"
+            " JOIN embedding_cache {alias}"
+            " ON {alias}.model_key = {key} AND {alias}.content_hash = s.embed_hash"
         ).format(alias=alias, key=sql.Literal(m.model_key))
-        for alias, m in zip(aliases, models)
+        for alias, m in zip(aliases, models, strict=True)
     ]
     query = sql.SQL(
         "INSERT INTO chunks (document_id, ordinal, heading_path, content, embed_hash, token_count,"

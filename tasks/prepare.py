@@ -69,8 +69,14 @@ def prepare_changes(
     progress: Progress | None = None,
 ) -> PrepareStats:
     return asyncio.run(
-        _prepare(files, stage_conn=stage_conn, cache_conn=cache_conn, targets=targets,
-                 settings=settings, progress=progress)
+        _prepare(
+            files,
+            stage_conn=stage_conn,
+            cache_conn=cache_conn,
+            targets=targets,
+            settings=settings,
+            progress=progress,
+        )
     )
 
 
@@ -85,7 +91,9 @@ async def _prepare(
 ) -> PrepareStats:
     stats = PrepareStats()
     cap = chunk_cap(settings, targets)
-    budgets = {t.model.slug: RateBudget(settings.requests_per_minute, settings.tokens_per_minute) for t in targets}
+    budgets = {
+        t.model.slug: RateBudget(settings.requests_per_minute, settings.tokens_per_minute) for t in targets
+    }
     step: Step = []
     step_chunks = 0
     for done, found in enumerate(files, start=1):
@@ -118,8 +126,11 @@ def _read_and_chunk(
         stats.excluded.append(doc.path)
         return None
     chunks = chunk_document(
-        doc, chunker=settings.chunker, max_tokens=cap,
-        size=min(settings.token_window, cap), overlap=settings.token_overlap,
+        doc,
+        chunker=settings.chunker,
+        max_tokens=cap,
+        size=min(settings.token_window, cap),
+        overlap=settings.token_overlap,
     )
     stats.documents += 1
     stats.chunks += len(chunks)
@@ -146,7 +157,9 @@ async def _flush(
     unique: dict[bytes, EmbedItem] = {}
     for _, chunks in step:
         for chunk in chunks:
-            unique.setdefault(chunk.embed_hash, EmbedItem(chunk.embed_hash, chunk.embed_text, chunk.token_count))
+            unique.setdefault(
+                chunk.embed_hash, EmbedItem(chunk.embed_hash, chunk.embed_text, chunk.token_count)
+            )
     for target in targets:
         started = time.perf_counter()
         hits = cached_hashes(cache_conn, target.embedder.model_key, list(unique))
@@ -156,9 +169,12 @@ async def _flush(
         stats.cache_misses += len(misses)
         if misses:
             await embed_items(
-                target.embedder, misses, EmbedPolicy.from_settings(settings, target.embedder),
+                target.embedder,
+                misses,
+                EmbedPolicy.from_settings(settings, target.embedder),
                 _cache_writer(cache_conn, target.embedder.model_key),
-                stats=stats.embed, budget=budgets[target.model.slug],
+                stats=stats.embed,
+                budget=budgets[target.model.slug],
             )
     started = time.perf_counter()
     stage_documents(stage_conn, step)

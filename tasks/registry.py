@@ -87,7 +87,8 @@ def choose_precision(dimensions: int, requested: Precision | None = None) -> Pre
     """`vector` up to 2,000 dimensions; `halfvec` above, because HNSW needs it there."""
     if dimensions > HNSW_MAX_HALFVEC_DIMS:
         raise ModelConfigError(
-            f"{dimensions} dimensions is over the {HNSW_MAX_HALFVEC_DIMS} that an HNSW index on halfvec allows"
+            f"{dimensions} dimensions is over the {HNSW_MAX_HALFVEC_DIMS} "
+            "that an HNSW index on halfvec allows"
         )
     if requested == "vector" and dimensions > HNSW_MAX_VECTOR_DIMS:
         raise ModelConfigError(

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 Summary = dict[str, Any]
 
 
-def record_run(conn: Connection, summary: Summary, started_at: datetime, failures: Sequence[FileFailure]) -> int:
+def record_run(
+    conn: Connection, summary: Summary, started_at: datetime, failures: Sequence[FileFailure]
+) -> int:
     """Store the summary and the failures; returns the run id."""
     with conn.transaction():
         row = conn.execute(
@@ -69,7 +71,8 @@ def publish_artifacts(summary: Mapping[str, Any]) -> bool:
         key="ingest-summary", table=summary_table(summary), description=f"Ingest of {summary['source']}"
     )
     create_markdown_artifact(
-        key="ingest-failures", markdown=failures_markdown(summary["failures"]),
+        key="ingest-failures",
+        markdown=failures_markdown(summary["failures"]),
         description="Files that could not be ingested, with the reason",
     )
     return True

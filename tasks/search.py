@@ -81,8 +81,12 @@ class Citation:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": self.path, "title": self.title, "heading_path": list(self.heading_path),
-            "chunk_id": self.chunk_id, "score": self.score, "label": self.label(),
+            "path": self.path,
+            "title": self.title,
+            "heading_path": list(self.heading_path),
+            "chunk_id": self.chunk_id,
+            "score": self.score,
+            "label": self.label(),
         }
 
 
@@ -262,7 +266,10 @@ def vector_query(model: EmbeddingModel, filters: SearchFilters) -> tuple[sql.Com
         " WHERE {column} IS NOT NULL AND {where}"
         " ORDER BY {distance} LIMIT {limit}) nearest ORDER BY distance, id"
     ).format(
-        columns=_HIT_COLUMNS, distance=distance, column=column, where=where,
+        columns=_HIT_COLUMNS,
+        distance=distance,
+        column=column,
+        where=where,
         limit=sql.Placeholder("limit"),
     )
     return query, params
@@ -289,8 +296,18 @@ def vector_search(
     for rank, (chunk_id, source, path, namespace, title, headings, content, distance) in enumerate(rows, 1):
         similarity = 1.0 - float(distance)
         hits.append(
-            SearchHit(int(chunk_id), source, path, namespace, title, tuple(headings), content,
-                      score=similarity, similarity=similarity, ranks=(("vector", rank),))
+            SearchHit(
+                int(chunk_id),
+                source,
+                path,
+                namespace,
+                title,
+                tuple(headings),
+                content,
+                score=similarity,
+                similarity=similarity,
+                ranks=(("vector", rank),),
+            )
         )
     return hits
 
@@ -427,11 +444,17 @@ def lexical_query(filters: SearchFilters) -> tuple[sql.Composed, dict[str, Any]]
     """BM25 over the chunks holding a match term; occurrences in title and headings count more."""
     where, params = filter_clause(filters)
     query = sql.SQL(_BM25_QUERY).format(
-        columns=_HIT_COLUMNS, where=where,
-        lexemes=sql.Placeholder("lexemes"), idf=sql.Placeholder("idf"), match=sql.Placeholder("match"),
-        mean=sql.Placeholder("mean"), limit=sql.Placeholder("limit"),
-        k1=sql.Literal(BM25_K1), b=sql.Literal(BM25_B),
-        wa=sql.Literal(FIELD_WEIGHTS["A"]), wb=sql.Literal(FIELD_WEIGHTS["B"]),
+        columns=_HIT_COLUMNS,
+        where=where,
+        lexemes=sql.Placeholder("lexemes"),
+        idf=sql.Placeholder("idf"),
+        match=sql.Placeholder("match"),
+        mean=sql.Placeholder("mean"),
+        limit=sql.Placeholder("limit"),
+        k1=sql.Literal(BM25_K1),
+        b=sql.Literal(BM25_B),
+        wa=sql.Literal(FIELD_WEIGHTS["A"]),
+        wb=sql.Literal(FIELD_WEIGHTS["B"]),
         wc=sql.Literal(FIELD_WEIGHTS["C"]),
     )
     return query, params
@@ -453,13 +476,25 @@ def lexical_search(
     stats = stats or corpus_stats(conn)
     query, params = lexical_query(filters)
     params.update(
-        lexemes=[t.lexeme for t in terms], idf=[t.idf(stats.chunks) for t in terms],
-        match=" | ".join(t.tsquery for t in matching), mean=max(stats.mean_tokens, 1.0), limit=limit,
+        lexemes=[t.lexeme for t in terms],
+        idf=[t.idf(stats.chunks) for t in terms],
+        match=" | ".join(t.tsquery for t in matching),
+        mean=max(stats.mean_tokens, 1.0),
+        limit=limit,
     )
     rows = conn.execute(query, params).fetchall()
     return [
-        SearchHit(int(chunk_id), source, path, namespace, title, tuple(headings), content,
-                  score=float(score), ranks=(("lexical", rank),))
+        SearchHit(
+            int(chunk_id),
+            source,
+            path,
+            namespace,
+            title,
+            tuple(headings),
+            content,
+            score=float(score),
+            ranks=(("lexical", rank),),
+        )
         for rank, (chunk_id, source, path, namespace, title, headings, content, score) in enumerate(rows, 1)
     ]
 
@@ -514,9 +549,7 @@ def fuse_rrf(
             if known is None or (known.similarity is None and hit.similarity is not None):
                 hits[hit.chunk_id] = hit
     order = sorted(scores, key=lambda cid: (-round(scores[cid], 12), min(ranks[cid].values()), cid))
-    fused = [
-        replace(hits[cid], score=scores[cid], ranks=tuple(sorted(ranks[cid].items()))) for cid in order
-    ]
+    fused = [replace(hits[cid], score=scores[cid], ranks=tuple(sorted(ranks[cid].items()))) for cid in order]
     return fused if limit is None else fused[:limit]
 
 

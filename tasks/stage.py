@@ -19,13 +19,15 @@ DATABASE_RETRIES = 3
 DATABASE_RETRY_DELAYS = [1.0, 5.0, 20.0]  # seconds before each retry, jittered
 
 # SQLSTATEs worth another attempt: the same work can succeed once the other session is gone.
-TRANSIENT_SQLSTATES = frozenset({
-    "40001",  # serialization_failure
-    "40P01",  # deadlock_detected
-    "57P01",  # admin_shutdown
-    "57P02",  # crash_shutdown
-    "57P03",  # cannot_connect_now
-})
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now
+    }
+)
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08"})  # connection exception
 
 
@@ -36,8 +38,12 @@ def stage_task(name: str, fn: Callable[P, R], *, retries: int = DATABASE_RETRIES
     retried `retries` times; every other error fails the task at once.
     """
     return task(
-        name=name, cache_policy=NO_CACHE, persist_result=False, retries=retries,
-        retry_delay_seconds=DATABASE_RETRY_DELAYS, retry_jitter_factor=0.2,
+        name=name,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retries=retries,
+        retry_delay_seconds=DATABASE_RETRY_DELAYS,
+        retry_jitter_factor=0.2,
         retry_condition_fn=retry_on_transient_database_error,
     )(fn)
 

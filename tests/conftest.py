@@ -54,9 +54,7 @@ def _with_database(url: str, dbname: str) -> str:
 def template_url(server_url: str) -> str:
     """A migrated database every test database is cloned from."""
     with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE_DB))
-        )
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE_DB)))
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
     url = _with_database(server_url, TEMPLATE_DB)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -75,9 +73,7 @@ def database_url(server_url: str, template_url: str) -> Iterator[str]:
         )
     yield _with_database(server_url, name)
     with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -86,12 +86,8 @@ class Fault:
     """The vector length a wrong-dimensions answer uses."""
 
     @classmethod
-    def rate_limit(
-        cls, retry_after: float | None = None, *, retry_after_ms: float | None = None
-    ) -> Fault:
-        return cls(
-            FaultKind.RATE_LIMIT, 429, retry_after=retry_after, retry_after_ms=retry_after_ms
-        )
+    def rate_limit(cls, retry_after: float | None = None, *, retry_after_ms: float | None = None) -> Fault:
+        return cls(FaultKind.RATE_LIMIT, 429, retry_after=retry_after, retry_after_ms=retry_after_ms)
 
     @classmethod
     def server_error(
@@ -103,9 +99,7 @@ class Fault:
     ) -> Fault:
         if not 500 <= status <= 599:
             raise ValueError(f"a server error needs a 5xx status, got {status}")
-        return cls(
-            FaultKind.SERVER_ERROR, status, retry_after=retry_after, retry_after_ms=retry_after_ms
-        )
+        return cls(FaultKind.SERVER_ERROR, status, retry_after=retry_after, retry_after_ms=retry_after_ms)
 
     @classmethod
     def timeout(cls, hold_seconds: float = DEFAULT_HOLD_SECONDS) -> Fault:
@@ -193,9 +187,7 @@ def unit_vector(key: str, dimensions: int) -> npt.NDArray[np.float32]:
     return (values / np.linalg.norm(values)).astype("<f4")
 
 
-def encode_vector(
-    vector: npt.NDArray[np.float32], encoding_format: str | None
-) -> list[float] | str:
+def encode_vector(vector: npt.NDArray[np.float32], encoding_format: str | None) -> list[float] | str:
     """Floats for "float" (the API default), base64 of little-endian float32 for "base64"."""
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
@@ -270,9 +262,7 @@ def parse_dimensions(raw: object) -> int | None:
 def parse_encoding_format(raw: object) -> str | None:
     if raw is None or raw in ("float", "base64"):
         return raw
-    raise InvalidEmbeddingRequest(
-        "'encoding_format' must be 'float' or 'base64'.", "encoding_format"
-    )
+    raise InvalidEmbeddingRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
 
 
 def openai_error(
@@ -303,9 +293,7 @@ def fault_error_body(fault: Fault) -> dict[str, object]:
         case FaultKind.TIMEOUT:
             return openai_error("The request timed out (fake server).", "timeout")
         case FaultKind.BAD_REQUEST:
-            return openai_error(
-                "Invalid request (scripted by the fake server).", "invalid_request_error"
-            )
+            return openai_error("Invalid request (scripted by the fake server).", "invalid_request_error")
         case FaultKind.UNAUTHORIZED:
             return openai_error(
                 "Incorrect API key provided (scripted by the fake server).",
@@ -584,9 +572,7 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
             )
         required = self.state.required_api_key
         if required is not None and api_key != required:
-            return openai_error(
-                "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
-            )
+            return openai_error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         return None
 
     def read_body(self) -> bytes:
@@ -601,9 +587,7 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
             {
                 "object": "embedding",
                 "index": index,
-                "embedding": encode_vector(
-                    unit_vector(item.key, dimensions), request.encoding_format
-                ),
+                "embedding": encode_vector(unit_vector(item.key, dimensions), request.encoding_format),
             }
             for index, item in enumerate(request.inputs)
         ]
@@ -616,9 +600,7 @@ class _EmbeddingsHandler(BaseHTTPRequestHandler):
         }
         self.send_json(200, body)
 
-    def send_json(
-        self, status: int, body: object, headers: Mapping[str, str] | None = None
-    ) -> None:
+    def send_json(self, status: int, body: object, headers: Mapping[str, str] | None = None) -> None:
         """Record the request, then write one JSON answer unless the client has hung up."""
         encoded = json.dumps(body).encode("utf-8")
         outcome = self.outcome

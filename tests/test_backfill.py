@@ -46,10 +46,14 @@ def loaded(database_url: str, conn: Connection) -> Any:
     return settings
 
 
-def test_backfill_over_a_real_corpus_reaches_full_coverage_with_an_index(loaded: Any, conn: Connection) -> None:
+def test_backfill_over_a_real_corpus_reaches_full_coverage_with_an_index(
+    loaded: Any, conn: Connection
+) -> None:
     summary = run_backfill(loaded, **NEW, batch_size=200)
 
-    assert summary["rows"]["remaining"] == 0 and summary["rows"]["filled"] == summary["rows"]["missing_at_start"]
+    assert (
+        summary["rows"]["remaining"] == 0 and summary["rows"]["filled"] == summary["rows"]["missing_at_start"]
+    )
     assert summary["model"]["status"] == "ready" and summary["index"] == {"built": True, "valid": True}
     models = coverage(conn)
     assert models["test_128"]["coverage"] == 1.0 and models["test_128"]["index_valid"]
@@ -71,7 +75,9 @@ class FailingAfter(CountingEmbedder):
 
 
 def test_a_backfill_stopped_midway_resumes_and_embeds_only_the_rest(loaded: Any, conn: Connection) -> None:
-    settings = make_settings(loaded.database_url.get_secret_value(), embed_batch_inputs=50, embed_concurrency=1)
+    settings = make_settings(
+        loaded.database_url.get_secret_value(), embed_batch_inputs=50, embed_concurrency=1
+    )
     crashing = FailingAfter(calls_before_failure=4)
     with pytest.raises(RuntimeError, match="worker died"):
         run_backfill(settings, **NEW, batch_size=100, embedder=crashing)
@@ -92,15 +98,35 @@ def test_kill_9_during_a_backfill_then_rerun_reembeds_nothing_already_paid_for(
     url = loaded.database_url.get_secret_value()
     with FakeEmbeddingsServer(dimensions=128, latency=0.05) as server:
         env = {
-            **os.environ, "DATABASE_URL": url, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url,
-            "EMBEDDING_PROVIDER": "hash", "EMBEDDING_MODEL": "test", "EMBEDDING_DIMENSIONS": "64",
-            "RAGINGEST_EMBED_BATCH_INPUTS": "20", "RAGINGEST_EMBED_CONCURRENCY": "2",
+            **os.environ,
+            "DATABASE_URL": url,
+            "OPENAI_API_KEY": "sk-test",
+            "OPENAI_BASE_URL": server.base_url,
+            "EMBEDDING_PROVIDER": "hash",
+            "EMBEDDING_MODEL": "test",
+            "EMBEDDING_DIMENSIONS": "64",
+            "RAGINGEST_EMBED_BATCH_INPUTS": "20",
+            "RAGINGEST_EMBED_CONCURRENCY": "2",
         }
-        command = [sys.executable, "-m", "flows.cli", "backfill", "--provider", "openai", "--model",
-                   "text-embedding-3-small", "--dimensions", "128", "--batch-size", "100", "--no-prefect"]
+        command = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "backfill",
+            "--provider",
+            "openai",
+            "--model",
+            "text-embedding-3-small",
+            "--dimensions",
+            "128",
+            "--batch-size",
+            "100",
+            "--no-prefect",
+        ]
         log = (tmp_path / "worker.log").open("wb")
-        worker = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1],
-                                  stdout=log, stderr=log)
+        worker = subprocess.Popen(
+            command, env=env, cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=log
+        )
         try:
             deadline = time.monotonic() + 60
             while server.texts_embedded < 150 and time.monotonic() < deadline and worker.poll() is None:
@@ -115,8 +141,9 @@ def test_kill_9_during_a_backfill_then_rerun_reembeds_nothing_already_paid_for(
         assert paid is not None and 0 < paid[0] < unique_texts(conn)
 
         server.reset_counters()
-        settings = make_settings(url, openai_api_key="sk-test", openai_base_url=server.base_url,
-                                 embed_batch_inputs=20)
+        settings = make_settings(
+            url, openai_api_key="sk-test", openai_base_url=server.base_url, embed_batch_inputs=20
+        )
         summary = run_backfill(settings, provider="openai", model="text-embedding-3-small", dimensions=128)
 
         assert server.texts_embedded - 1 == unique_texts(conn) - paid[0]  # -1: the dimension probe
@@ -170,31 +197,49 @@ def test_an_ingest_during_a_backfill_leaves_both_columns_complete(
     worker.join(60)
 
     assert errors == [] and summary["documents"]["new"] == 1 and summary["documents"]["changed"] == 1
-    nulls = conn.execute("SELECT count(*) FILTER (WHERE emb_test_64 IS NULL), count(*) FILTER"
-                         " (WHERE emb_test_128 IS NULL) FROM chunks").fetchone()
+    nulls = conn.execute(
+        "SELECT count(*) FILTER (WHERE emb_test_64 IS NULL), count(*) FILTER"
+        " (WHERE emb_test_128 IS NULL) FROM chunks"
+    ).fetchone()
     assert nulls == (0, 0)
-    duplicates = conn.execute("SELECT count(*) - count(DISTINCT (document_id, ordinal)) FROM chunks").fetchone()
+    duplicates = conn.execute(
+        "SELECT count(*) - count(DISTINCT (document_id, ordinal)) FROM chunks"
+    ).fetchone()
     assert duplicates == (0,)
     assert coverage(conn)["test_128"]["index_valid"]
 
 
-def test_activation_switches_the_primary_and_retirement_drops_the_column(loaded: Any, conn: Connection) -> None:
+def test_activation_switches_the_primary_and_retirement_drops_the_column(
+    loaded: Any, conn: Connection
+) -> None:
     run_backfill(loaded, **NEW)
     activate(conn, "test_128")
-    assert {m["slug"]: m["status"] for m in coverage(conn).values()} == {"test_64": "ready", "test_128": "active"}
+    assert {m["slug"]: m["status"] for m in coverage(conn).values()} == {
+        "test_64": "ready",
+        "test_128": "active",
+    }
 
     with pytest.raises(ModelConfigError, match="primary"):
         retire(conn, "test_128")
     retire(conn, "test_64")
-    columns = {r[0] for r in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'chunks'")}
+    columns = {
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'chunks'"
+        )
+    }
     assert "emb_test_64" not in columns and "emb_test_128" in columns
     assert "chunks_emb_test_64_hnsw" not in index_validity(conn)
     retired = get_model(conn, "test_64")
     assert retired is not None and retired.status == "retired"
     # An ingest now writes only the live column, and must be configured for it.
-    assert run_ingest(make_settings(loaded.database_url.get_secret_value(), embedding_dimensions=128),
-                      CORPORA / "rust-book" / "src")["chunks"]["written"] == 0
+    assert (
+        run_ingest(
+            make_settings(loaded.database_url.get_secret_value(), embedding_dimensions=128),
+            CORPORA / "rust-book" / "src",
+        )["chunks"]["written"]
+        == 0
+    )
 
 
 def test_activation_refuses_an_incomplete_model_unless_forced(loaded: Any, conn: Connection) -> None:
@@ -207,26 +252,33 @@ def test_activation_refuses_an_incomplete_model_unless_forced(loaded: Any, conn:
 
 
 @pytest.mark.parametrize(
-    "slug", ["x; DROP TABLE chunks", "emb_x\" --", "Robert'); DROP TABLE documents;--", "../etc", "", "a" * 60]
+    "slug", ["x; DROP TABLE chunks", 'emb_x" --', "Robert'); DROP TABLE documents;--", "../etc", "", "a" * 60]
 )
 def test_hostile_slugs_are_refused(slug: str, conn: Connection) -> None:
     with pytest.raises(InvalidIdentifier):
         validate_slug(slug)
     with pytest.raises(InvalidIdentifier):
         activate(conn, slug)
-    assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename IN ('chunks', 'documents')").fetchone() == (2,)
+    assert conn.execute(
+        "SELECT count(*) FROM pg_tables WHERE tablename IN ('chunks', 'documents')"
+    ).fetchone() == (2,)
 
 
 def test_a_dimension_mismatch_fails_before_any_write(loaded: Any, conn: Connection) -> None:
     with FakeEmbeddingsServer(dimensions=128) as server:
         server.script([Fault.wrong_dimensions(100)])
-        settings = make_settings(loaded.database_url.get_secret_value(), openai_api_key="sk-test",
-                                 openai_base_url=server.base_url)
+        settings = make_settings(
+            loaded.database_url.get_secret_value(), openai_api_key="sk-test", openai_base_url=server.base_url
+        )
         with pytest.raises(TerminalEmbeddingError, match=r"\[100\] dimensions, but the column holds 128"):
             run_backfill(settings, provider="openai", model="text-embedding-3-small", dimensions=128)
     assert [m["slug"] for m in model_coverage(conn)] == ["test_64"]
-    columns = {r[0] for r in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'chunks'")}
+    columns = {
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'chunks'"
+        )
+    }
     assert not any(c.startswith("emb_text_embedding") for c in columns)
 
 

@@ -30,12 +30,23 @@ def test_ingest_json_prints_exactly_one_object_with_the_documented_fields(
     assert set(summary["chunks"]) >= {"written", "deleted", "total"}
     assert set(summary["embeddings"]) >= {"cache_hits", "cache_misses", "embedded", "tokens", "truncated"}
     assert set(summary["index"]) >= {"strategy", "dropped", "rebuilt"}
-    assert set(summary["seconds"]) >= {"discover", "chunk", "cache", "embed", "load", "index", "vacuum", "total"}
+    assert set(summary["seconds"]) >= {
+        "discover",
+        "chunk",
+        "cache",
+        "embed",
+        "load",
+        "index",
+        "vacuum",
+        "total",
+    }
     assert summary["failures"] == []
     assert summary["documents"]["new"] == 4
 
 
-def test_status_reports_each_model_column(env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_reports_each_model_column(
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     kb = write_tree(tmp_path / "kb", dict(PAGES))
     main(["ingest", str(kb), "--no-prefect", "--json"])
     capsys.readouterr()
@@ -68,7 +79,9 @@ def test_db_migrate_is_idempotent_and_verify_names_what_is_missing(
     assert "column documents.tags is missing" in out
 
 
-def test_errors_become_one_readable_line(env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_become_one_readable_line(
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["ingest", str(tmp_path / "nope"), "--no-prefect"]) == 2
     assert "is not a folder" in capsys.readouterr().err
 

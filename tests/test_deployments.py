@@ -121,7 +121,11 @@ def wait_until_healthy(api_url: str, process: subprocess.Popen[bytes], log: Path
 def prefect_command(server: PrefectServer, *args: str, log: Path) -> str:
     """A `prefect` command as the README types it; fails the test with its output."""
     result = subprocess.run(
-        [str(BIN / "prefect"), *args], cwd=CHECKOUT, env=server.env(), capture_output=True, text=True,
+        [str(BIN / "prefect"), *args],
+        cwd=CHECKOUT,
+        env=server.env(),
+        capture_output=True,
+        text=True,
         timeout=COMMAND_SECONDS,
     )
     output = result.stdout + result.stderr
@@ -172,7 +176,12 @@ def deployed(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFac
         prefect_server, "work-pool", "create", "ragingest", "--type", "process", log=logs / "pool.log"
     )
     prefect_command(
-        prefect_server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml",
+        prefect_server,
+        "--no-prompt",
+        "deploy",
+        "--all",
+        "--prefect-file",
+        "deployments/prefect.yaml",
         log=logs / "deploy.log",
     )
     return prefect_server
@@ -281,7 +290,9 @@ def test_prefect_yaml_describes_the_four_deployments() -> None:
 @pytest.mark.parametrize(
     ("name", "flow_name"),
     [
-        ("nightly-ingest", "ingest"), ("bulk-load", "bulk-load"), ("backfill-model", "backfill"),
+        ("nightly-ingest", "ingest"),
+        ("bulk-load", "bulk-load"),
+        ("backfill-model", "backfill"),
         ("evaluate", "evaluate"),
     ],
 )
@@ -306,8 +317,15 @@ def test_bulk_load_cannot_choose_its_index_strategy() -> None:
 
 def test_run_settings_map_parameters_and_refuse_secrets_and_unknown_keys(tmp_path: Path) -> None:
     settings = run_settings(
-        None, {"embed_concurrency": 2}, include=["docs/**/*.md"], provider="hash", model="m", dimensions=8,
-        batch_size=16, chunker=None, index_strategy="drop",
+        None,
+        {"embed_concurrency": 2},
+        include=["docs/**/*.md"],
+        provider="hash",
+        model="m",
+        dimensions=8,
+        batch_size=16,
+        chunker=None,
+        index_strategy="drop",
     )
     assert settings.include == ("docs/**/*.md",)
     assert settings.model_key == "hash:m:8"
@@ -337,8 +355,15 @@ def raise_sqlstate(conn: Connection, sqlstate: str) -> None:
 
 @pytest.mark.parametrize(
     ("sqlstate", "transient"),
-    [("40001", True), ("40P01", True), ("08006", True), ("57P01", True), ("23505", False), ("57014", False),
-     ("22P02", False)],
+    [
+        ("40001", True),
+        ("40P01", True),
+        ("08006", True),
+        ("57P01", True),
+        ("23505", False),
+        ("57014", False),
+        ("22P02", False),
+    ],
 )
 def test_database_errors_are_classified_by_sqlstate(conn: Connection, sqlstate: str, transient: bool) -> None:
     with pytest.raises(psycopg.Error) as caught:
@@ -419,8 +444,13 @@ def embed_eight_batches(
     embedder = InFlightEmbedder()
     items = [EmbedItem(bytes([i]), f"text {i}", 2) for i in range(8)]
     policy = EmbedPolicy(
-        batch_inputs=1, batch_tokens=1000, concurrency=4, max_attempts=1, max_backoff=0.1,
-        concurrency_limit=concurrency_limit, rate_limit=rate_limit,
+        batch_inputs=1,
+        batch_tokens=1000,
+        concurrency=4,
+        max_attempts=1,
+        max_backoff=0.1,
+        concurrency_limit=concurrency_limit,
+        rate_limit=rate_limit,
     )
     stored: list[Vectors] = []
     asyncio.run(embed_items(embedder, items, policy, lambda hashes, vectors: stored.append(vectors)))

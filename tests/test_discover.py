@@ -459,9 +459,7 @@ def test_namespace_from_frontmatter_or_first_folder() -> None:
 
 
 def test_tags_and_concept_keys_as_list_or_comma_string() -> None:
-    document = parse(
-        "---\ntags: [python, ' etl ', '', 3.11, python]\nconcept_keys: a, b ,,c\n---\n"
-    )
+    document = parse("---\ntags: [python, ' etl ', '', 3.11, python]\nconcept_keys: a, b ,,c\n---\n")
     assert document.tags == ("python", "etl", "3.11")
     assert document.concept_keys == ("a", "b", "c")
     assert parse("---\ntags: {a: 1}\n---\n").tags == ()
@@ -506,9 +504,7 @@ def parses_or_refuses(data: bytes) -> None:
     assert "\r" not in document.body
 
 
-property_settings = settings(
-    max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow]
-)
+property_settings = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.timeout(120)
@@ -520,9 +516,7 @@ def test_any_bytes_parse_or_raise_document_error(data: bytes) -> None:
 
 @pytest.mark.timeout(120)
 @property_settings
-@given(
-    frontmatter=yaml_ish_text | st.text(), body=markdown_ish_text | st.text(), closing=st.booleans()
-)
+@given(frontmatter=yaml_ish_text | st.text(), body=markdown_ish_text | st.text(), closing=st.booleans())
 def test_any_text_with_frontmatter_parses_or_raises_document_error(
     frontmatter: str, body: str, closing: bool
 ) -> None:

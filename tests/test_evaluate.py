@@ -58,7 +58,12 @@ def test_metrics_of_a_ranking_by_hand() -> None:
 
 def test_a_perfect_ranking_scores_one_and_an_empty_one_zero() -> None:
     assert case_metrics([1, 1, 0], 2, 3) == {
-        "pass@1": 1.0, "pass@3": 1.0, "pass@k": 1.0, "recall@k": 1.0, "mrr": 1.0, "ndcg@10": 1.0,
+        "pass@1": 1.0,
+        "pass@3": 1.0,
+        "pass@k": 1.0,
+        "recall@k": 1.0,
+        "mrr": 1.0,
+        "ndcg@10": 1.0,
     }
     assert case_metrics([], 2, 10) == dict.fromkeys(METRICS, 0.0)
     assert case_metrics([0, 0, 0], 1, 3) == dict.fromkeys(METRICS, 0.0)
@@ -124,12 +129,21 @@ def write_cases(path: Path, lines: list[Any]) -> Path:
 
 
 def test_cases_load_with_headings_paired_by_position(tmp_path: Path) -> None:
-    path = write_cases(tmp_path / "cases.jsonl", [
-        "# a comment", "",
-        {"id": "a", "query": "q1", "expected_paths": ["x.md", "/y.md"]},
-        {"id": "b", "query": "q2", "expected_paths": ["x.md", "x.md"], "expected_headings": ["One", "Two"],
-         "namespace": "docs"},
-    ])
+    path = write_cases(
+        tmp_path / "cases.jsonl",
+        [
+            "# a comment",
+            "",
+            {"id": "a", "query": "q1", "expected_paths": ["x.md", "/y.md"]},
+            {
+                "id": "b",
+                "query": "q2",
+                "expected_paths": ["x.md", "x.md"],
+                "expected_headings": ["One", "Two"],
+                "namespace": "docs",
+            },
+        ],
+    )
     first, second = load_cases(path)
     assert first == EvalCase("a", "q1", (Target("x.md"), Target("y.md")), None)
     assert second.targets == (Target("x.md", "One"), Target("x.md", "Two")) and second.namespace == "docs"
@@ -195,8 +209,12 @@ def test_the_gate_allows_two_hundredths_below_the_baseline_and_no_more() -> None
 # --- end to end with the hash provider ------------------------------------------------------------
 
 CASES = [
-    {"id": "macos", "query": "Homebrew", "expected_paths": ["guides/install.md"],
-     "expected_headings": ["On macOS"]},
+    {
+        "id": "macos",
+        "query": "Homebrew",
+        "expected_paths": ["guides/install.md"],
+        "expected_headings": ["On macOS"],
+    },
     {"id": "rollback", "query": "rollback release", "expected_paths": ["guides/deploy.md"]},
     {"id": "ref", "query": "coverage", "expected_paths": ["reference/cli.md"], "namespace": "ref"},
     {"id": "nowhere", "query": "kubernetes helm", "expected_paths": ["guides/install.md"]},
@@ -295,8 +313,13 @@ def test_eval_cli_compares_two_columns_side_by_side(
     assert main(["eval", str(cases_file), "--no-prefect", "--compare", "test_64", "other_32", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     keys = [(r["mode"], r["model"]) for r in report["results"]]
-    assert keys == [("vector", "test_64"), ("vector", "other_32"), ("lexical", None),
-                    ("hybrid", "test_64"), ("hybrid", "other_32")]
+    assert keys == [
+        ("vector", "test_64"),
+        ("vector", "other_32"),
+        ("lexical", None),
+        ("hybrid", "test_64"),
+        ("hybrid", "other_32"),
+    ]
 
     compare = ["eval", str(cases_file), "--no-prefect", "--compare", "test_64", "other_32"]
     assert main([*compare, "--mode", "hybrid"]) == 0
@@ -341,11 +364,16 @@ def test_evaluate_flow_publishes_a_table_and_fails_under_a_threshold(
 
     from flows.evaluate import evaluate
 
-    overrides = {"database_url": database_url, "embedding_provider": "hash",
-                 "embedding_model": "test", "embedding_dimensions": 64}
+    overrides = {
+        "database_url": database_url,
+        "embedding_provider": "hash",
+        "embedding_model": "test",
+        "embedding_dimensions": 64,
+    }
     with prefect_test_harness(server_startup_timeout=120):
-        state = evaluate(cases=str(cases_file), modes=["lexical"], k=3, settings_overrides=overrides,
-                         return_state=True)
+        state = evaluate(
+            cases=str(cases_file), modes=["lexical"], k=3, settings_overrides=overrides, return_state=True
+        )
         assert state.is_completed()
         report: dict[str, Any] = state.result()
         assert report["results"][0]["mrr"] == 0.75
@@ -361,8 +389,14 @@ def test_evaluate_flow_publishes_a_table_and_fails_under_a_threshold(
         (table,) = asyncio.run(artifacts())
         assert table.type == "table" and '"mrr": 0.75' in str(table.data)
 
-        failed = evaluate(cases=str(cases_file), modes=["lexical"], k=3, settings_overrides=overrides,
-                          fail_under={"mrr": 0.9}, return_state=True)
+        failed = evaluate(
+            cases=str(cases_file),
+            modes=["lexical"],
+            k=3,
+            settings_overrides=overrides,
+            fail_under={"mrr": 0.9},
+            return_state=True,
+        )
         assert failed.is_failed()
         with pytest.raises(QualityGateFailed, match="mrr 0.7500 is under 0.9"):
             failed.result()
@@ -397,7 +431,9 @@ def test_docsqa_tree_has_one_section_per_corpus_chunk(tmp_path: Path) -> None:
 def test_docsqa_paths_and_titles() -> None:
     urls = ["https://x.test/en/api/", "https://x.test/en/api/errors", "https://x.test/en/docs/welcome"]
     assert docsqa.page_paths(urls) == {
-        urls[0]: "api/index.md", urls[1]: "api/errors.md", urls[2]: "docs/welcome.md",
+        urls[0]: "api/index.md",
+        urls[1]: "api/errors.md",
+        urls[2]: "docs/welcome.md",
     }
     assert docsqa.page_title("api/index.md") == "API"
     assert docsqa.page_title("api/ip-addresses.md") == "IP addresses"

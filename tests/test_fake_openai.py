@@ -35,9 +35,7 @@ def sync_client(
     timeout: float = 5.0,
     api_key: str = "test-key",
 ) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=server.base_url, api_key=api_key, max_retries=max_retries, timeout=timeout
-    )
+    return openai.OpenAI(base_url=server.base_url, api_key=api_key, max_retries=max_retries, timeout=timeout)
 
 
 def async_client(
@@ -111,9 +109,7 @@ def test_requested_dimensions_are_honoured(server: FakeEmbeddingsServer) -> None
     with sync_client(server) as client:
         response = client.embeddings.create(input=TEXTS, model=MODEL, dimensions=16)
 
-    assert [item.embedding for item in response.data] == [
-        server.vector_for(text, 16) for text in TEXTS
-    ]
+    assert [item.embedding for item in response.data] == [server.vector_for(text, 16) for text in TEXTS]
     assert server.requests[0].requested_dimensions == 16
 
 
@@ -152,9 +148,7 @@ def test_rate_limit_reaches_the_sdk_with_retry_after(server: FakeEmbeddingsServe
     assert caught.value.code == "rate_limit_exceeded"
     assert caught.value.response.headers["retry-after"] == "0.05"
     assert "retry-after-ms" not in caught.value.response.headers
-    assert [(record.status, record.fault) for record in server.requests] == [
-        (429, FaultKind.RATE_LIMIT)
-    ]
+    assert [(record.status, record.fault) for record in server.requests] == [(429, FaultKind.RATE_LIMIT)]
     assert server.texts_embedded == 0
 
 
@@ -168,9 +162,7 @@ def test_rate_limit_can_omit_retry_after(server: FakeEmbeddingsServer) -> None:
 
 
 def test_sdk_retries_are_counted_by_the_server(server: FakeEmbeddingsServer) -> None:
-    server.script(
-        [Fault.rate_limit(retry_after=0.01), Fault.server_error(502, retry_after=0.01), None]
-    )
+    server.script([Fault.rate_limit(retry_after=0.01), Fault.server_error(502, retry_after=0.01), None])
 
     with sync_client(server, max_retries=2) as client:
         response = client.embeddings.create(input=TEXTS, model=MODEL)
@@ -294,9 +286,7 @@ def test_concurrent_requests_overlap(server: FakeEmbeddingsServer) -> None:
 
     async def call_all() -> None:
         async with async_client(server) as client:
-            await asyncio.gather(
-                *(client.embeddings.create(input=batch, model=MODEL) for batch in batches)
-            )
+            await asyncio.gather(*(client.embeddings.create(input=batch, model=MODEL) for batch in batches))
 
     asyncio.run(call_all())
 
@@ -334,9 +324,7 @@ def test_counters_count_each_text_answered(server: FakeEmbeddingsServer) -> None
 
 def fault_sequence(seed: int, request_count: int) -> list[FaultKind | None]:
     with FakeEmbeddingsServer(dimensions=8) as server:
-        server.random_faults(
-            rate=0.5, seed=seed, kinds=("rate_limit", "server_error"), retry_after=0.01
-        )
+        server.random_faults(rate=0.5, seed=seed, kinds=("rate_limit", "server_error"), retry_after=0.01)
         with sync_client(server) as client:
             for _ in range(request_count):
                 try:
@@ -402,6 +390,4 @@ def test_stop_returns_promptly_while_a_request_is_held() -> None:
     assert stop_seconds < 1.0
     assert not caller.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], openai.APIConnectionError)
-    assert [(record.status, record.fault) for record in server.requests] == [
-        (None, FaultKind.TIMEOUT)
-    ]
+    assert [(record.status, record.fault) for record in server.requests] == [(None, FaultKind.TIMEOUT)]

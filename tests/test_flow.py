@@ -32,8 +32,10 @@ def test_ingest_flow_runs_named_tasks_and_publishes_artifacts(
 
     kb = write_tree(tmp_path / "kb", dict(PAGES))
     overrides = {
-        "database_url": database_url, "embedding_provider": "hash",
-        "embedding_model": "test", "embedding_dimensions": 64,
+        "database_url": database_url,
+        "embedding_provider": "hash",
+        "embedding_model": "test",
+        "embedding_dimensions": 64,
     }
     state = ingest(source=str(kb), settings_overrides=overrides, return_state=True)
     assert state.is_completed()
@@ -44,9 +46,13 @@ def test_ingest_flow_runs_named_tasks_and_publishes_artifacts(
     async def inspect() -> tuple[list[str], dict[str, Any]]:
         async with get_client() as client:
             task_runs = await client.read_task_runs()
-            names = sorted({run.name.rsplit("-", 1)[0] for run in task_runs if run.flow_run_id == flow_run_id})
+            names = sorted(
+                {run.name.rsplit("-", 1)[0] for run in task_runs if run.flow_run_id == flow_run_id}
+            )
             artifacts = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-summary", "ingest-failures"]))
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["ingest-summary", "ingest-failures"])
+                )
             )
             return names, {a.key: a for a in artifacts if a.flow_run_id == flow_run_id}
 

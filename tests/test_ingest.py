@@ -10,9 +10,8 @@ import psycopg
 import pytest
 
 from flows.ingest import run_ingest
-from tasks.db import Connection, index_validity, verify_schema
+from tasks.db import Connection, connect, index_validity, verify_schema
 from tasks.load import RunLocked, acquire_load_lock, release_load_lock
-from tasks.db import connect
 from tests.conftest import CORPORA, make_settings
 from tests.embedders import CountingFactory
 
@@ -58,9 +57,7 @@ def chunk_rows(conn: Connection) -> list[tuple[Any, ...]]:
     ).fetchall()
 
 
-def test_first_run_loads_every_page_with_vectors_and_index(
-    settings: Any, kb: Path, conn: Connection
-) -> None:
+def test_first_run_loads_every_page_with_vectors_and_index(settings: Any, kb: Path, conn: Connection) -> None:
     factory = CountingFactory()
     summary = ingest(settings, kb, factory)
 
@@ -85,11 +82,7 @@ def test_first_run_loads_every_page_with_vectors_and_index(
     ) in rows
     missing = conn.execute("SELECT count(*) FROM chunks WHERE emb_test_64 IS NULL").fetchone()
     assert missing == (0,)
-    assert (
-        factory.embedded
-        == summary["embeddings"]["embedded"]
-        == summary["embeddings"]["cache_misses"]
-    )
+    assert factory.embedded == summary["embeddings"]["embedded"] == summary["embeddings"]["cache_misses"]
     assert index_validity(conn)["chunks_emb_test_64_hnsw"] is True
     assert verify_schema(conn) == []
     namespaces = dict(conn.execute("SELECT path, namespace FROM documents").fetchall())
@@ -111,9 +104,7 @@ def test_edit_embeds_only_the_changed_chunks(settings: Any, kb: Path, conn: Conn
     ingest(settings, kb)
     before = {row[:2]: row[3] for row in chunk_rows(conn)}
     page = kb / "guides/install.md"
-    page.write_text(
-        page.read_text().replace("Use Homebrew to install it.", "Use Homebrew or MacPorts.")
-    )
+    page.write_text(page.read_text().replace("Use Homebrew to install it.", "Use Homebrew or MacPorts."))
 
     factory = CountingFactory()
     summary = ingest(settings, kb, factory)
@@ -130,9 +121,7 @@ def test_edit_embeds_only_the_changed_chunks(settings: Any, kb: Path, conn: Conn
     }
 
 
-def test_deleted_file_loses_its_document_and_chunks(
-    settings: Any, kb: Path, conn: Connection
-) -> None:
+def test_deleted_file_loses_its_document_and_chunks(settings: Any, kb: Path, conn: Connection) -> None:
     ingest(settings, kb)
     (kb / "guides/deploy.md").unlink()
     summary = ingest(settings, kb)
@@ -140,9 +129,7 @@ def test_deleted_file_loses_its_document_and_chunks(
     assert summary["documents"]["deleted"] == 1
     assert summary["chunks"]["deleted"] == 2
     assert all(row[0] != "guides/deploy.md" for row in chunk_rows(conn))
-    assert conn.execute(
-        "SELECT count(*) FROM documents WHERE path = 'guides/deploy.md'"
-    ).fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM documents WHERE path = 'guides/deploy.md'").fetchone() == (0,)
 
 
 def test_renamed_file_is_not_embedded_again(settings: Any, kb: Path, conn: Connection) -> None:
@@ -157,18 +144,14 @@ def test_renamed_file_is_not_embedded_again(settings: Any, kb: Path, conn: Conne
     assert {row[0] for row in chunk_rows(conn)} >= {"guides/installation.md"}
 
 
-def test_page_that_turns_rag_include_false_is_removed(
-    settings: Any, kb: Path, conn: Connection
-) -> None:
+def test_page_that_turns_rag_include_false_is_removed(settings: Any, kb: Path, conn: Connection) -> None:
     ingest(settings, kb)
     page = kb / "README.md"
     page.write_text("---\nrag_include: false\n---\n" + page.read_text())
     summary = ingest(settings, kb)
 
     assert summary["documents"]["deleted"] == 1
-    assert conn.execute("SELECT count(*) FROM documents WHERE path = 'README.md'").fetchone() == (
-        0,
-    )
+    assert conn.execute("SELECT count(*) FROM documents WHERE path = 'README.md'").fetchone() == (0,)
 
 
 def test_bad_files_are_reported_by_name_and_the_rest_ingest(
@@ -180,16 +163,14 @@ def test_bad_files_are_reported_by_name_and_the_rest_ingest(
             "bad/latin1.md": "caf\xe9 au lait".encode("latin-1"),
             "bad/binary.md": b"# x\n\x00\x01\x02",
             "bad/yaml.md": "---\ntitle: [unclosed\n---\n# Body\n\ntext\n",
-            "odd/crlf.md": "# Windows\r\n\r\nLine endings.\r\n".encode(),
+            "odd/crlf.md": b"# Windows\r\n\r\nLine endings.\r\n",
             "odd/bom.md": "\ufeff# Bom\n\nStarts with a BOM.\n".encode(),
             "odd/empty.md": "",
             "odd/frontmatter-only.md": "---\ntitle: nothing\n---\n",
         },
     )
     (kb / "dir.md").mkdir()
-    summary = ingest(
-        make_settings(settings.database_url.get_secret_value(), max_file_bytes=10_000), kb
-    )
+    summary = ingest(make_settings(settings.database_url.get_secret_value(), max_file_bytes=10_000), kb)
 
     failed = {f["path"]: f["reason"] for f in summary["failures"]}
     assert set(failed) == {"bad/latin1.md", "bad/binary.md", "bad/yaml.md"}
@@ -249,9 +230,7 @@ def test_a_fault_inside_the_load_leaves_tables_and_index_as_they_were(
         " WHEN (NEW.content LIKE '%%MacPorts%%') EXECUTE FUNCTION fail_insert()"
     )
     page = kb / "guides/install.md"
-    page.write_text(
-        page.read_text().replace("Use Homebrew to install it.", "Use Homebrew or MacPorts.")
-    )
+    page.write_text(page.read_text().replace("Use Homebrew to install it.", "Use Homebrew or MacPorts."))
     (kb / "guides/new.md").write_text("# New\n\nA new page.\n")
     (kb / "guides/deploy.md").unlink()
 
@@ -259,10 +238,7 @@ def test_a_fault_inside_the_load_leaves_tables_and_index_as_they_were(
         ingest(settings, kb)
 
     assert chunk_rows(conn) == before
-    assert (
-        conn.execute("SELECT path, content_hash FROM documents ORDER BY path").fetchall()
-        == docs_before
-    )
+    assert conn.execute("SELECT path, content_hash FROM documents ORDER BY path").fetchall() == docs_before
     assert index_validity(conn)["chunks_emb_test_64_hnsw"] is True
     # The vectors that were paid for are kept: the rerun embeds nothing again.
     conn.execute("DROP TRIGGER fail_insert ON chunks")
@@ -286,9 +262,7 @@ def test_second_run_waits_for_the_lock_then_fails_with_a_clear_message(
     assert ingest(settings, kb)["documents"]["new"] == 4
 
 
-def test_two_concurrent_runs_leave_no_duplicates(
-    database_url: str, kb: Path, conn: Connection
-) -> None:
+def test_two_concurrent_runs_leave_no_duplicates(database_url: str, kb: Path, conn: Connection) -> None:
     settings = make_settings(database_url, lock_timeout_seconds=60)
     errors: list[BaseException] = []
 
@@ -311,14 +285,10 @@ def test_two_concurrent_runs_leave_no_duplicates(
     assert conn.execute("SELECT count(*) FROM documents").fetchone() == (4,)
 
 
-def test_tokens_chunker_windows_with_overlap(
-    database_url: str, tmp_path: Path, conn: Connection
-) -> None:
+def test_tokens_chunker_windows_with_overlap(database_url: str, tmp_path: Path, conn: Connection) -> None:
     words = " ".join(f"word{i}" for i in range(3000))
     root = write_tree(tmp_path / "kb", {"long.md": f"# Long\n\n{words}\n"})
-    summary = ingest(
-        make_settings(database_url, chunker="tokens", token_window=200, token_overlap=20), root
-    )
+    summary = ingest(make_settings(database_url, chunker="tokens", token_window=200, token_overlap=20), root)
 
     counts = [r[0] for r in conn.execute("SELECT token_count FROM chunks ORDER BY ordinal")]
     assert summary["chunks"]["written"] == len(counts) > 5
@@ -333,15 +303,10 @@ def test_real_corpus_ingests_and_reruns_for_free(
     root = CORPORA / corpus
     settings = make_settings(database_url)
     first = ingest(settings, root)
-    files = sum(
-        1 for p in root.rglob("*") if p.suffix in {".md", ".mdx", ".markdown"} and p.is_file()
-    )
+    files = sum(1 for p in root.rglob("*") if p.suffix in {".md", ".mdx", ".markdown"} and p.is_file())
 
     assert first["documents"]["seen"] == files
-    assert (
-        first["documents"]["new"] + first["documents"]["failed"] + first["documents"]["excluded"]
-        == files
-    )
+    assert first["documents"]["new"] + first["documents"]["failed"] + first["documents"]["excluded"] == files
     assert first["chunks"]["written"] == first["chunks"]["total"] > files
     assert conn.execute("SELECT count(*) FROM chunks WHERE emb_test_64 IS NULL").fetchone() == (0,)
     over_cap = conn.execute("SELECT count(*) FROM chunks WHERE token_count > 512").fetchone()

@@ -28,8 +28,10 @@ def test_minilm_embeds_the_sample_and_cosine_finds_the_right_page(
     minilm: SentenceTransformerEmbedder, database_url: str, conn: Connection
 ) -> None:
     settings = make_settings(
-        database_url, embedding_provider="sentence-transformers",
-        embedding_model="all-MiniLM-L6-v2", embedding_dimensions=384,
+        database_url,
+        embedding_provider="sentence-transformers",
+        embedding_model="all-MiniLM-L6-v2",
+        embedding_dimensions=384,
     )
     summary = run_ingest(settings, SAMPLES, embedder_factory=lambda model, s: minilm)
     assert summary["embeddings"]["embedded"] == summary["chunks"]["written"] > 10
@@ -49,7 +51,9 @@ def test_minilm_embeds_the_sample_and_cosine_finds_the_right_page(
         assert row == (expected,), question
 
 
-def test_minilm_vectors_are_unit_length_and_truncation_is_counted(minilm: SentenceTransformerEmbedder) -> None:
+def test_minilm_vectors_are_unit_length_and_truncation_is_counted(
+    minilm: SentenceTransformerEmbedder,
+) -> None:
     vectors = asyncio.run(minilm.embed(["short text", "another"]))
     assert vectors.shape == (2, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)

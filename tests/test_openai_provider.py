@@ -14,7 +14,7 @@ from flows.ingest import run_ingest
 from tasks.db import Connection
 from tasks.embed import TerminalEmbeddingError
 from tests.conftest import make_settings
-from tests.fake_openai import Fault, FakeEmbeddingsServer
+from tests.fake_openai import FakeEmbeddingsServer, Fault
 from tests.test_ingest import PAGES, chunk_rows, write_tree
 
 API_KEY = "sk-test-do-not-leak-4f9c2a"
@@ -28,16 +28,22 @@ def server() -> Iterator[FakeEmbeddingsServer]:
 
 def openai_settings(database_url: str, server: FakeEmbeddingsServer, **overrides: Any) -> Any:
     values: dict[str, Any] = {
-        "embedding_provider": "openai", "embedding_model": "text-embedding-3-small",
-        "embedding_dimensions": 64, "openai_api_key": API_KEY, "openai_base_url": server.base_url,
-        "embed_timeout_seconds": 2.0, "embed_max_backoff_seconds": 2.0,
+        "embedding_provider": "openai",
+        "embedding_model": "text-embedding-3-small",
+        "embedding_dimensions": 64,
+        "openai_api_key": API_KEY,
+        "openai_base_url": server.base_url,
+        "embed_timeout_seconds": 2.0,
+        "embed_max_backoff_seconds": 2.0,
     }
     values.update(overrides)
     return make_settings(database_url, **values)
 
 
 def many_pages(root: Path, count: int) -> Path:
-    return write_tree(root, {f"p{i:03}.md": f"# Page {i}\n\nThe body of page number {i}.\n" for i in range(count)})
+    return write_tree(
+        root, {f"p{i:03}.md": f"# Page {i}\n\nThe body of page number {i}.\n" for i in range(count)}
+    )
 
 
 def test_vectors_come_from_the_api_and_batches_overlap(
@@ -73,7 +79,9 @@ def test_429_with_retry_after_is_honoured(
     assert sum(server.embedded_texts.values()) == summary["embeddings"]["embedded"]
 
 
-@pytest.mark.parametrize("fault", [Fault.server_error(500), Fault.server_error(503), Fault.timeout(hold_seconds=5)])
+@pytest.mark.parametrize(
+    "fault", [Fault.server_error(500), Fault.server_error(503), Fault.timeout(hold_seconds=5)]
+)
 def test_5xx_and_timeouts_are_retried(
     database_url: str, server: FakeEmbeddingsServer, tmp_path: Path, fault: Fault, conn: Connection
 ) -> None:
@@ -83,7 +91,9 @@ def test_5xx_and_timeouts_are_retried(
 
     assert [r.fault for r in server.requests] == [fault.kind, None]
     assert summary["embeddings"]["retries"] == 1
-    assert conn.execute("SELECT count(*) FROM chunks WHERE emb_text_embedding_3_small_64 IS NULL").fetchone() == (0,)
+    assert conn.execute(
+        "SELECT count(*) FROM chunks WHERE emb_text_embedding_3_small_64 IS NULL"
+    ).fetchone() == (0,)
     assert max(server.embedded_texts.values()) == 1  # nothing embedded twice
 
 
@@ -103,7 +113,11 @@ def test_wrong_dimensions_fail_before_any_write(
 
 @pytest.mark.parametrize("fault", [Fault.unauthorized(), Fault.bad_request()])
 def test_terminal_errors_are_not_retried(
-    database_url: str, server: FakeEmbeddingsServer, tmp_path: Path, fault: Fault, conn: Connection,
+    database_url: str,
+    server: FakeEmbeddingsServer,
+    tmp_path: Path,
+    fault: Fault,
+    conn: Connection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server.script([fault] * 10)

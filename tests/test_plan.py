@@ -15,8 +15,13 @@ def found(path: str, digest: bytes) -> FoundFile:
 def test_plan_sorts_new_changed_unchanged_and_deleted() -> None:
     stored = {"a.md": b"1", "b.md": b"2", "gone.md": b"3", "broken.md": b"4", "locked/x.md": b"5"}
     plan = plan_changes(
-        [found("a.md", b"1"), found("b.md", b"changed"), found("new.md", b"6"),
-         FileFailure("broken.md", "invalid UTF-8"), FileFailure("locked", "cannot list folder")],
+        [
+            found("a.md", b"1"),
+            found("b.md", b"changed"),
+            found("new.md", b"6"),
+            FileFailure("broken.md", "invalid UTF-8"),
+            FileFailure("locked", "cannot list folder"),
+        ],
         stored,
     )
     assert [f.path for f in plan.new] == ["new.md"]

@@ -51,7 +51,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ingest_and_evaluate(url: str, tree: Path, embedder: Embedder, k: int) -> Report:
     """The fixture as a user builds it: ingest the tree with MiniLM, then every case in every mode."""
     settings = make_settings(
-        url, embedding_provider="sentence-transformers", embedding_model="all-MiniLM-L6-v2",
+        url,
+        embedding_provider="sentence-transformers",
+        embedding_model="all-MiniLM-L6-v2",
         embedding_dimensions=384,
     )
     run_ingest(settings, tree, embedder_factory=lambda model, s: embedder)
@@ -68,7 +70,9 @@ def healthy(
 
 def test_docsqa_holds_the_committed_baseline(healthy: Report, baseline: Report) -> None:
     assert [(r["mode"], r["model"]) for r in healthy["results"]] == [
-        ("vector", "all_minilm_l6_v2_384"), ("lexical", None), ("hybrid", "all_minilm_l6_v2_384"),
+        ("vector", "all_minilm_l6_v2_384"),
+        ("lexical", None),
+        ("hybrid", "all_minilm_l6_v2_384"),
     ]
     assert healthy["cases"] == baseline["cases"] == 100
     assert gate_failures(healthy["results"], baseline["results"]) == []
@@ -90,7 +94,11 @@ def first_section_only(chunker: Any) -> Any:
 
 
 def test_the_gate_fails_when_the_chunker_drops_the_sections(
-    server_url: str, template_url: str, tree: Path, minilm: SentenceTransformerEmbedder, baseline: Report,
+    server_url: str,
+    template_url: str,
+    tree: Path,
+    minilm: SentenceTransformerEmbedder,
+    baseline: Report,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from tasks.chunk import chunk_document

@@ -131,7 +131,10 @@ def test_vector_search_finds_the_nearest_chunk_first_and_cites_it(reader: Connec
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     citation = hits[0].citation
     assert (citation.path, citation.title, citation.heading_path, citation.chunk_id) == (
-        "guides/install.md", "Installing", ("Installing", "On macOS"), chunk_id,
+        "guides/install.md",
+        "Installing",
+        ("Installing", "On macOS"),
+        chunk_id,
     )
     assert citation.score == hits[0].score
     assert citation.label() == f"guides/install.md > Installing > On macOS [chunk {chunk_id}]"
@@ -242,8 +245,17 @@ def test_rrf_weights_favour_a_list() -> None:
 
 
 @pytest.mark.parametrize(
-    "query", ["what does `ingest` do", "max_tokens limit", "tasks.embed module", "the --full-refresh flag",
-              "error E0382", "claude-3-opus pricing", "getEmbedding returns", "call run()"],
+    "query",
+    [
+        "what does `ingest` do",
+        "max_tokens limit",
+        "tasks.embed module",
+        "the --full-refresh flag",
+        "error E0382",
+        "claude-3-opus pricing",
+        "getEmbedding returns",
+        "call run()",
+    ],
 )
 def test_identifier_queries_are_recognised(query: str) -> None:
     assert looks_like_identifier(query)
@@ -269,8 +281,11 @@ def test_hybrid_fuses_both_lists_and_holds_lexical_hits_to_min_score(reader: Con
     assert any(len(h.ranks) == 2 for h in hits)
     assert all(h.similarity is not None for h in hits if "vector" in dict(h.ranks))
     strict = search(
-        reader, "rollback", options=SearchOptions(mode="hybrid", k=5, min_score=0.99),
-        model=model(reader), vector=vector,
+        reader,
+        "rollback",
+        options=SearchOptions(mode="hybrid", k=5, min_score=0.99),
+        model=model(reader),
+        vector=vector,
     )
     # Only the chunk whose vector is the query's reaches a similarity of 0.99.
     assert [h.chunk_id for h in strict] == [chunk_id]
@@ -294,8 +309,12 @@ def test_namespace_filter_holds_in_every_mode(reader: Connection, mode: str) -> 
     options = SearchOptions(mode=mode, k=10)  # type: ignore[arg-type]
     everywhere = search(reader, "rollback install", options=options, model=model(reader), vector=vector)
     guides = search(
-        reader, "rollback install", options=options, filters=SearchFilters(namespace="guides"),
-        model=model(reader), vector=vector,
+        reader,
+        "rollback install",
+        options=options,
+        filters=SearchFilters(namespace="guides"),
+        model=model(reader),
+        vector=vector,
     )
     assert paths(everywhere) - paths(guides)
     assert guides and paths(guides) <= {"guides/install.md", "guides/deploy.md"}
@@ -319,8 +338,12 @@ def test_where_filters_on_metadata_and_frontmatter(
 ) -> None:
     _, vector = stored_vector(reader, "reference/errors.md", "Timeouts")
     hits = search(
-        reader, "install deploy rollback ingest coverage folder", options=SearchOptions(mode=mode, k=20),  # type: ignore[arg-type]
-        filters=SearchFilters(where=tuple(where)), model=model(reader), vector=vector,
+        reader,
+        "install deploy rollback ingest coverage folder",
+        options=SearchOptions(mode=mode, k=20),  # type: ignore[arg-type]
+        filters=SearchFilters(where=tuple(where)),
+        model=model(reader),
+        vector=vector,
     )
     assert paths(hits) == expected
 
@@ -423,8 +446,11 @@ def test_search_cli_prints_one_json_object_with_citations(
     first = result["results"][0]
     assert set(first) >= {"rank", "chunk_id", "path", "title", "heading_path", "score", "citation", "content"}
     assert first["citation"] == {
-        "path": "guides/install.md", "title": "Installing", "heading_path": ["Installing", "On macOS"],
-        "chunk_id": first["chunk_id"], "score": first["score"],
+        "path": "guides/install.md",
+        "title": "Installing",
+        "heading_path": ["Installing", "On macOS"],
+        "chunk_id": first["chunk_id"],
+        "score": first["score"],
         "label": f"guides/install.md > Installing > On macOS [chunk {first['chunk_id']}]",
     }
 

@@ -99,3 +99,12 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
 @pytest.fixture
 def settings(database_url: str) -> Settings:
     return make_settings(database_url)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
+    """The environment the CLI reads: this test's database and the hash provider at 64 dims."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("EMBEDDING_PROVIDER", "hash")
+    monkeypatch.setenv("EMBEDDING_MODEL", "test")
+    monkeypatch.setenv("EMBEDDING_DIMENSIONS", "64")

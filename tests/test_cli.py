@@ -11,14 +11,6 @@ from flows.cli import main
 from tests.test_ingest import PAGES, write_tree
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.setenv("EMBEDDING_PROVIDER", "hash")
-    monkeypatch.setenv("EMBEDDING_MODEL", "test")
-    monkeypatch.setenv("EMBEDDING_DIMENSIONS", "64")
-
-
 def test_ingest_json_prints_exactly_one_object_with_the_documented_fields(
     env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

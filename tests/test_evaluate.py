@@ -266,14 +266,6 @@ def add_second_model(conn: Connection) -> None:
     create_hnsw_index(conn, model)
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.setenv("EMBEDDING_PROVIDER", "hash")
-    monkeypatch.setenv("EMBEDDING_MODEL", "test")
-    monkeypatch.setenv("EMBEDDING_DIMENSIONS", "64")
-
-
 def test_eval_cli_prints_json_and_fails_under_a_threshold(
     env: None, kb: Path, cases_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -428,14 +428,6 @@ def test_an_empty_database_is_not_ready(conn: Connection) -> None:
 # --- the command line -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.setenv("EMBEDDING_PROVIDER", "hash")
-    monkeypatch.setenv("EMBEDDING_MODEL", "test")
-    monkeypatch.setenv("EMBEDDING_DIMENSIONS", "64")
-
-
 def test_search_cli_prints_one_json_object_with_citations(
     env: None, kb: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -62,14 +62,10 @@ def discover_and_plan(
     return plan_changes(found, stored_hashes(conn, source), full_refresh=full_refresh)
 
 
-def vacuum(conn: Any) -> float:
-    return vacuum_analyze(conn)
-
-
 discover_stage = stage_task("discover", discover_and_plan)
 prepare_stage = stage_task("chunk-and-embed", prepare_changes, retries=0)  # it stages rows: not idempotent
 load_stage = stage_task("load-and-index", swap_in)
-vacuum_stage = stage_task("vacuum-analyze", vacuum)
+vacuum_stage = stage_task("vacuum-analyze", vacuum_analyze)
 report_stage = stage_task("report", record_run)
 
 
@@ -131,7 +127,6 @@ def run_ingest(
         summary = build_summary(
             source=source,
             models=models,
-            targets=targets,
             plan=plan,
             prepared=prepared,
             loaded=loaded,
@@ -169,7 +164,6 @@ def build_summary(
     *,
     source: str,
     models: list[EmbeddingModel],
-    targets: list[ModelTarget],
     plan: ChangePlan,
     prepared: PrepareStats,
     loaded: LoadResult,

@@ -258,8 +258,10 @@ def ingest(
         index_strategy: auto, drop (drop HNSW, load, rebuild) or keep. Empty: RAGINGEST_INDEX_STRATEGY.
         settings_overrides: Advanced: any other setting by field name. Secrets are refused here.
     """
-    folder = existing_folder(source)
-    settings = run_settings(
+    return _sync_from_flow(
+        source,
+        full_refresh,
+        source_name,
         profile,
         settings_overrides,
         include=include,
@@ -270,9 +272,6 @@ def ingest(
         dimensions=dimensions,
         batch_size=batch_size,
         index_strategy=index_strategy,
-    )
-    return run_ingest(
-        settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task
     )
 
 
@@ -309,8 +308,10 @@ def bulk_load(
         batch_size: Most texts per embedding request. Empty: RAGINGEST_EMBED_BATCH_INPUTS.
         settings_overrides: Advanced: any other setting by field name. Secrets are refused here.
     """
-    folder = existing_folder(source)
-    settings = run_settings(
+    return _sync_from_flow(
+        source,
+        full_refresh,
+        source_name,
         profile,
         settings_overrides,
         include=include,
@@ -322,6 +323,19 @@ def bulk_load(
         batch_size=batch_size,
         index_strategy="drop",
     )
+
+
+def _sync_from_flow(
+    source: str,
+    full_refresh: bool,
+    source_name: str | None,
+    profile: str | None,
+    settings_overrides: dict[str, Any] | None,
+    **choices: Any,
+) -> Summary:
+    """The body both sync flows share: check the folder, build the settings, run the stages as tasks."""
+    folder = existing_folder(source)
+    settings = run_settings(profile, settings_overrides, **choices)
     return run_ingest(
         settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task
     )

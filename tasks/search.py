@@ -293,23 +293,29 @@ def vector_search(
             conn.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)")
         rows = conn.execute(query, params).fetchall()
     hits = []
-    for rank, (chunk_id, source, path, namespace, title, headings, content, distance) in enumerate(rows, 1):
-        similarity = 1.0 - float(distance)
-        hits.append(
-            SearchHit(
-                int(chunk_id),
-                source,
-                path,
-                namespace,
-                title,
-                tuple(headings),
-                content,
-                score=similarity,
-                similarity=similarity,
-                ranks=(("vector", rank),),
-            )
-        )
+    for rank, row in enumerate(rows, 1):
+        similarity = 1.0 - float(row[-1])  # the last column is the cosine distance
+        hits.append(_hit(row, "vector", rank, similarity, similarity=similarity))
     return hits
+
+
+def _hit(
+    row: Sequence[Any], mode: str, rank: int, score: float, *, similarity: float | None = None
+) -> SearchHit:
+    """A hit from a search query's row: chunk id, source, path, namespace, title, headings, content, …"""
+    chunk_id, source, path, namespace, title, headings, content = row[:7]
+    return SearchHit(
+        int(chunk_id),
+        source,
+        path,
+        namespace,
+        title,
+        tuple(headings),
+        content,
+        score=score,
+        similarity=similarity,
+        ranks=((mode, rank),),
+    )
 
 
 def supports_iterative_scan(conn: Connection) -> bool:
@@ -483,20 +489,7 @@ def lexical_search(
         limit=limit,
     )
     rows = conn.execute(query, params).fetchall()
-    return [
-        SearchHit(
-            int(chunk_id),
-            source,
-            path,
-            namespace,
-            title,
-            tuple(headings),
-            content,
-            score=float(score),
-            ranks=(("lexical", rank),),
-        )
-        for rank, (chunk_id, source, path, namespace, title, headings, content, score) in enumerate(rows, 1)
-    ]
+    return [_hit(row, "lexical", rank, float(row[-1])) for rank, row in enumerate(rows, 1)]
 
 
 # --- hybrid -------------------------------------------------------------------------

@@ -24,7 +24,21 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-CORPORA = SHARED / "corpora"
+VENDORED_CORPORA = REPO / "tests" / "corpora"
+"""The trimmed copies the repository carries (rust-book, docs-qa)."""
+
+
+def corpus_path(name: str) -> Path:
+    """A corpus folder: the full one in ../shared/corpora when present, else the repository's copy.
+
+    Where neither exists the path returned does not either, and the script says it skipped it.
+    """
+    shared = SHARED / "corpora" / name
+    return shared if shared.is_dir() or not (VENDORED_CORPORA / name).is_dir() else VENDORED_CORPORA / name
+
+
+CORPORA = SHARED / "corpora" if (SHARED / "corpora").is_dir() else VENDORED_CORPORA
+"""Where `CORPORA / name` looks: ../shared/corpora beside the checkout, else the repository's copies."""
 if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/ first, not the repository
     sys.path.insert(0, str(REPO))
 

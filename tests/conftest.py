@@ -16,8 +16,11 @@ from psycopg import sql
 from config.settings import Settings, load_settings
 from tasks.db import Connection, apply_migrations, connect
 
+CORPORA = Path(__file__).resolve().parent / "corpora"
+"""Trimmed copies, with their licences, of the corpora the core tests and the quality gate read."""
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-CORPORA = SHARED / "corpora"
+SHARED_CORPORA = SHARED / "corpora"
+"""The full corpora beside the checkout, when present (prefect-docs is too large to ship)."""
 TEMPLATE_DB = "ragingest_test_template"
 _counter = itertools.count()
 
@@ -29,6 +32,14 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def corpus_root(relative: str) -> Path:
+    """A corpus folder: the copy in tests/corpora, else the one in ../shared; skips the test without one."""
+    for base in (CORPORA, SHARED_CORPORA):
+        if (base / relative).is_dir():
+            return base / relative
+    pytest.skip(f"corpus {relative} is not in tests/corpora nor at {SHARED_CORPORA / relative}")
 
 
 @pytest.fixture(scope="session")

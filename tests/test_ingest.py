@@ -12,7 +12,7 @@ import pytest
 from flows.ingest import run_ingest
 from tasks.db import Connection, connect, index_validity, verify_schema
 from tasks.load import RunLocked, acquire_load_lock, release_load_lock
-from tests.conftest import CORPORA, make_settings
+from tests.conftest import corpus_root, make_settings
 from tests.embedders import CountingFactory
 
 PAGES = {
@@ -300,7 +300,7 @@ def test_tokens_chunker_windows_with_overlap(database_url: str, tmp_path: Path, 
 def test_real_corpus_ingests_and_reruns_for_free(
     database_url: str, tmp_path: Path, corpus: str, conn: Connection
 ) -> None:
-    root = CORPORA / corpus
+    root = corpus_root(corpus)
     settings = make_settings(database_url)
     first = ingest(settings, root)
     files = sum(1 for p in root.rglob("*") if p.suffix in {".md", ".mdx", ".markdown"} and p.is_file())

@@ -71,6 +71,14 @@ class Embedder(Protocol):
         """The text to send, and whether it had to be truncated to fit the model."""
         ...
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in the model's own tokens, counted in one batch."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release clients and connections; nothing to do where there are none."""
+        ...
+
 
 # --- providers ------------------------------------------------------------------
 
@@ -95,6 +103,17 @@ class HashEmbedder:
 
     def prepare(self, text: str) -> tuple[str, bool]:
         return truncate_tokens(text, self.max_input_tokens)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [approximate_tokens(text) for text in texts]
+
+    async def aclose(self) -> None:
+        return None
+
+
+def approximate_tokens(text: str) -> int:
+    """About one token per four UTF-8 bytes, and never fewer than the words."""
+    return max(len(text.split()), (len(text.encode()) + 3) // 4)
 
 
 def hash_vector(text: str, dimensions: int) -> Vectors:
@@ -167,6 +186,14 @@ class OpenAIEmbedder:
     def prepare(self, text: str) -> tuple[str, bool]:
         return truncate_tokens(text, self.max_input_tokens)
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return count_cl100k(texts)
+
+    async def aclose(self) -> None:
+        bound, self._bound = self._bound, None
+        if bound is not None and not bound[0].is_closed():
+            await bound[1].close()
+
 
 class SentenceTransformerEmbedder:
     """A local sentence-transformers model, offline. The default is all-MiniLM-L6-v2."""
@@ -188,6 +215,7 @@ class SentenceTransformerEmbedder:
                 model_key=self.model_key,
             )
         self.max_input_tokens = int(self.model.max_seq_length or 256)
+        self._token_counter: Any = None
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
         return await asyncio.to_thread(self.encode, texts)
@@ -206,6 +234,23 @@ class SentenceTransformerEmbedder:
         # The model truncates by itself; count it with the model's own tokenizer.
         length = len(self.model.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
         return text, length > self.max_input_tokens
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(encoding.ids) for encoding in self._counter().encode_batch(list(texts))]
+
+    def _counter(self) -> Any:
+        """A copy of the model's fast tokenizer that neither truncates nor pads, nor warns."""
+        if self._token_counter is None:
+            from tokenizers import Tokenizer
+
+            counter = Tokenizer.from_str(self.model.tokenizer.backend_tokenizer.to_str())
+            counter.no_truncation()
+            counter.no_padding()
+            self._token_counter = counter
+        return self._token_counter
+
+    async def aclose(self) -> None:
+        return None
 
 
 def local_model_path(model: str) -> str:
@@ -237,6 +282,12 @@ def truncate_tokens(text: str, limit: int) -> tuple[str, bool]:
     if len(encoded) <= limit:
         return text, False
     return tokens.decode(encoded[:limit]), True
+
+
+def count_cl100k(texts: Sequence[str]) -> list[int]:
+    """cl100k_base lengths of many texts in one batched call."""
+    encoded = tokens.encoding().encode_batch(list(texts), disallowed_special=())
+    return [len(ids) for ids in encoded]
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -296,6 +347,11 @@ class EmbedStats:
     batches: int = 0
     retries: int = 0
     seconds: float = 0.0
+
+    def add(self, other: EmbedStats) -> None:
+        """Fold another stage's (or shard's) figures into these."""
+        for name in ("embedded", "tokens", "truncated", "batches", "retries", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,12 @@ class CountingEmbedder:
     def prepare(self, text: str) -> tuple[str, bool]:
         return self.inner.prepare(text)
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.inner.count_tokens(texts)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
     @property
     def embedded(self) -> int:
         return sum(self.texts.values())

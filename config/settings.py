@@ -8,10 +8,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tasks.providers import ProviderName as ProviderName  # the one registry names the providers
+
 CONFIG_DIR = Path(__file__).resolve().parent
 PROFILES = ("dev", "prod")
 
-ProviderName = Literal["openai", "sentence-transformers", "hash"]
+LocalPrecision = Literal["auto", "fp32", "bf16"]
 ChunkerName = Literal["headings", "tokens"]
 IndexStrategy = Literal["auto", "drop", "keep"]
 
@@ -72,6 +74,11 @@ class Settings(BaseSettings):
     embed_rate_limit: str | None = None
     """Name of a Prefect global concurrency limit with slot decay (a rate limit); each
     embedding request takes one slot. Unset: none."""
+    local_precision: LocalPrecision = "auto"
+    """Arithmetic of the local model (RAGINGEST_LOCAL_PRECISION): bf16 runs it under bfloat16
+    autocast; auto picks bf16 where the CPU has bf16 instructions or a CUDA device is present,
+    fp32 elsewhere. bf16 vectors keep a cosine of at least 0.9999 to fp32, so both share the
+    model's cache key."""
     cost_per_million_tokens: float = Field(default=0.0, ge=0)
     """Price used for the cost estimate in the summary (0.02 for text-embedding-3-small)."""
 
@@ -92,6 +99,8 @@ class Settings(BaseSettings):
     """Overlap between two windows of the tokens chunker."""
     stream_batch_chunks: int = Field(default=4000, ge=1)
     """Chunks prepared per step; bounds memory on large corpora."""
+    shard_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    """Bytes of new and changed files per shard: the unit of work a runner schedules and retries."""
 
     # --- loading and indexing ----------------------------------------------
     index_strategy: IndexStrategy = "auto"

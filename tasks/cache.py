@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from psycopg import errors
 
 from tasks.db import Connection
-from tasks.embed import Vectors
+from tasks.embed import Embedder, EmbedItem, EmbedPolicy, EmbedStats, RateBudget, Vectors, embed_items
 
 LOOKUP_BATCH = 10_000
 
@@ -76,3 +78,36 @@ def _write_skipping_duplicates(
             " SELECT %s, content_hash, embedding FROM cache_incoming ON CONFLICT DO NOTHING",
             (model_key,),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOutcome:
+    hits: int
+    misses: int
+    lookup_seconds: float
+
+
+async def embed_missing(
+    conn: Connection,
+    embedder: Embedder,
+    items: Sequence[EmbedItem],
+    policy: EmbedPolicy,
+    budget: RateBudget,
+    stats: EmbedStats,
+) -> CacheOutcome:
+    """Look the items up in the cache, embed only the misses, and write each batch back as it returns.
+
+    The one path by which ingest and backfill pay for vectors: a crash loses at most the
+    batches in flight.
+    """
+    started = time.perf_counter()
+    hits = cached_hashes(conn, embedder.model_key, [item.embed_hash for item in items])
+    lookup_seconds = time.perf_counter() - started
+    misses = [item for item in items if item.embed_hash not in hits]
+    if misses:
+
+        def write(hashes: Sequence[bytes], vectors: Vectors) -> None:
+            write_vectors(conn, embedder.model_key, hashes, vectors)
+
+        await embed_items(embedder, misses, policy, write, stats=stats, budget=budget)
+    return CacheOutcome(len(items) - len(misses), len(misses), lookup_seconds)

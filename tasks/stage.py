@@ -1,16 +1,23 @@
-"""Thin Prefect wrappers: each stage is a named task, and one wiring runs with or without Prefect."""
+"""Thin Prefect wrappers: each stage is a named task, and one wiring runs with or without Prefect.
+
+Stages take a connection source (the run's pool), never a connection, so a
+retried stage borrows a fresh connection instead of reusing a dead one.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
-import psycopg
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import FlowRunContext
 from prefect.utilities.annotations import quote
+
+from tasks.errors import is_transient
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -18,23 +25,11 @@ R = TypeVar("R")
 DATABASE_RETRIES = 3
 DATABASE_RETRY_DELAYS = [1.0, 5.0, 20.0]  # seconds before each retry, jittered
 
-# SQLSTATEs worth another attempt: the same work can succeed once the other session is gone.
-TRANSIENT_SQLSTATES = frozenset(
-    {
-        "40001",  # serialization_failure
-        "40P01",  # deadlock_detected
-        "57P01",  # admin_shutdown
-        "57P02",  # crash_shutdown
-        "57P03",  # cannot_connect_now
-    }
-)
-TRANSIENT_SQLSTATE_CLASSES = frozenset({"08"})  # connection exception
-
 
 def stage_task(name: str, fn: Callable[P, R], *, retries: int = DATABASE_RETRIES) -> Task[P, R]:
-    """A task that never caches or persists: stages take connections and move chunks and vectors.
+    """A task that never caches or persists: stages move chunks and vectors.
 
-    Transient database errors (serialization failure, deadlock, lost connection) are
+    Transient errors (a lost connection, a serialization failure, a deadlock) are
     retried `retries` times; every other error fails the task at once.
     """
     return task(
@@ -44,23 +39,19 @@ def stage_task(name: str, fn: Callable[P, R], *, retries: int = DATABASE_RETRIES
         retries=retries,
         retry_delay_seconds=DATABASE_RETRY_DELAYS,
         retry_jitter_factor=0.2,
-        retry_condition_fn=retry_on_transient_database_error,
+        retry_condition_fn=retry_on_transient_error,
     )(fn)
 
 
 def is_transient_database_error(exc: BaseException) -> bool:
-    """Classified by SQLSTATE, never by message; an error without one lost its connection."""
-    if not isinstance(exc, psycopg.Error):
-        return False
-    if exc.sqlstate is None:
-        return isinstance(exc, psycopg.OperationalError)
-    return exc.sqlstate in TRANSIENT_SQLSTATES or exc.sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
+    """Kept for callers of the old name: the same classification as `tasks.errors.is_transient`."""
+    return is_transient(exc)
 
 
-def retry_on_transient_database_error(stage: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+def retry_on_transient_error(stage: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Prefect's `retry_condition_fn`: the failed state holds the exception the stage raised."""
     failure = state.result(raise_on_failure=False)
-    return isinstance(failure, BaseException) and is_transient_database_error(failure)
+    return isinstance(failure, BaseException) and is_transient(failure)
 
 
 class StageRunner(Protocol):
@@ -99,3 +90,55 @@ class ProgressReporter:
 
             update_progress_artifact(artifact_id=self._artifact_id, progress=float(percent))
             self._last = percent
+
+
+class RunProgress:
+    """Files and chunks prepared: a progress artifact in a flow run, a bar when stderr is a terminal."""
+
+    def __init__(self, key: str, what: str, files: int) -> None:
+        self.files_total, self.files, self.chunks = files, 0, 0
+        self._artifact = ProgressReporter(key, f"{what} {files} files")
+        self._bar: Any = None
+        if files and sys.stderr.isatty():
+            self._bar = _terminal_bar(what, files)
+
+    def __call__(self, files: int, chunks: int) -> None:
+        self.files += files
+        self.chunks += chunks
+        self._artifact(self.files, self.files_total)
+        if self._bar is not None:
+            self._bar.advance(files, chunks)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class _TerminalBar:
+    def __init__(self, progress: Any, task_id: Any) -> None:
+        self._progress, self._task, self._started, self._chunks = progress, task_id, time.monotonic(), 0
+
+    def advance(self, files: int, chunks: int) -> None:
+        self._chunks += chunks
+        rate = self._chunks / max(time.monotonic() - self._started, 1e-6)
+        self._progress.update(self._task, advance=files, chunks=self._chunks, rate=rate)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _terminal_bar(what: str, files: int) -> _TerminalBar:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("files, {task.fields[chunks]} chunks, {task.fields[rate]:.1f} chunks/s, ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    progress.start()
+    return _TerminalBar(progress, progress.add_task(what, total=files, chunks=0, rate=0.0))

@@ -57,7 +57,7 @@ def test_ingest_flow_runs_named_tasks_and_publishes_artifacts(
             return names, {a.key: a for a in artifacts if a.flow_run_id == flow_run_id}
 
     names, artifacts = asyncio.run(inspect())
-    assert names == ["chunk-and-embed", "discover", "load-and-index", "report", "vacuum-analyze"]
+    assert names == ["discover", "load-and-index", "prepare-shard", "register-models", "report", "vacuum-analyze"]
     table = artifacts["ingest-summary"]
     assert table.type == "table"
     assert '"documents.new"' in str(table.data) and "ingest-failures" in artifacts

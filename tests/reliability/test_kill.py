@@ -67,7 +67,7 @@ class IngestStagePlan:
 
 
 INGEST_PLANS = [
-    IngestStagePlan(Stage("COPY into staging", "COPY stage_%", max_skip=1), 4, 1.0, "drop", True),
+    IngestStagePlan(Stage("COPY into staging", "COPY ingest_stage_%", max_skip=1), 4, 1.0, "drop", True),
     IngestStagePlan(Stage("load transaction", "%INSERT INTO chunks%", max_offset=0.1), 4, 0.25, "keep", True),
     IngestStagePlan(Stage("index rebuild", "CREATE INDEX%", max_offset=0.04), 4, 0.2, "drop", True),
     IngestStagePlan(Stage("VACUUM ANALYZE", "VACUUM%", max_offset=0.02), 3, 0.25, "keep", False),

@@ -6,23 +6,30 @@ makes); `parse_document` and `read_document` turn one file into a
 as `FileFailure` values, and the run goes on without those files.
 
 Walk rules:
-- Globs are relative POSIX patterns. `**` as a whole segment matches zero or
-  more folders, `*` and `?` never cross `/`, `[...]` is a character class, and
-  a pattern ending in `/` means everything under that folder. A file is kept
-  when it matches an include and no exclude.
+- Globs are bash globs with globstar (matched by wcmatch), relative POSIX
+  patterns: `**` as a whole segment matches zero or more folders, `*` and `?`
+  never cross `/`, `[...]` is a character class, and a pattern ending in `/`
+  means everything under that folder. Braces, extended globs and a leading `!`
+  are literal. A file is kept when it matches an include and no exclude.
 - Folders whose name starts with `.` are skipped, unless a folder segment of
   an include pattern starts with `.` and matches the name (`.github/**/*.md`).
   Dot-files are matched like any other name.
-- Symlinks to files and folders are followed. Each real folder is walked once:
-  a folder reached again (a symlink loop, or two links to one folder) is
-  skipped silently. Paths without a symlink win over paths through one, so a
-  link `latest -> v3` yields the files under `v3/`.
+- Symlinks to files and folders inside the source root are followed. Each real
+  folder is walked once: a folder reached again (a symlink loop, or two links to
+  one folder) is skipped silently. Paths without a symlink win over paths
+  through one, so a link `latest -> v3` yields the files under `v3/`.
+- A symlink whose target (every link resolved) lies outside the source root is
+  not followed unless `follow_external_links`; it is listed in
+  `SourceWalk.skipped` with the reason, and nothing under it is read.
 - An exclude ending in `/**` prunes the folders it covers without listing them.
 - Failures: "file is N bytes, over the M-byte limit" (not read), "broken
-  symlink", "symlink loop" (a file link that resolves to itself), "not a
-  regular file" (a FIFO or device), "permission denied", "file disappeared
-  during the walk", and "cannot list folder: ..." with the folder's path, so
-  a caller can tell an unreadable folder from deleted files.
+  symlink", "symlink loop", "not a regular file" (a FIFO or device; never
+  opened by the walk, and opened non-blocking after it), "permission denied",
+  "file disappeared during the walk", "cannot list folder: ..." with the
+  folder's path, and "file name is not valid UTF-8" (the path is reported with
+  `\\xff` escapes). A symlink that does not resolve is a failure under its own
+  path even when its name is not a wanted file's, since it may have been a
+  folder. A caller can so tell a folder it could not see from deleted files.
 
 Parse rules: a NUL byte means binary; offsets are byte offsets into the file.
 YAML line numbers count from the top of the file (the opening `---` is line
@@ -38,17 +45,21 @@ import base64
 import datetime as dt
 import errno
 import heapq
+import itertools
 import math
 import os
 import re
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from functools import lru_cache
+from operator import attrgetter, itemgetter
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple, TypeAlias
 
 import yaml
+from markdown_it import MarkdownIt
+from wcmatch import glob
 from yaml.reader import ReaderError
 
 from tasks.records import FileFailure, FoundFile, ParsedDocument, sha256_bytes
@@ -56,7 +67,7 @@ from tasks.records import FileFailure, FoundFile, ParsedDocument, sha256_bytes
 try:
     from yaml import CSafeLoader as _FastSafeLoader
 except ImportError:  # PyYAML built without libyaml
-    from yaml import SafeLoader as _FastSafeLoader  # type: ignore[assignment]
+    from yaml import SafeLoader as _FastSafeLoader  # type: ignore[assignment, unused-ignore]
 
 DEFAULT_INCLUDE: tuple[str, ...] = ("**/*.md", "**/*.mdx", "**/*.markdown")
 DEFAULT_MAX_BYTES = 5 * 1024 * 1024
@@ -98,7 +109,25 @@ class GlobError(ValueError):
         return f"glob pattern {self.pattern!r} refused: {self.reason}"
 
 
+class SourceError(ValueError):
+    """A source that cannot be stored under its path."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"source {self.path}: {self.reason}"
+
+
 # --- globs -----------------------------------------------------------------
+
+_GLOB_FLAGS = glob.GLOBSTAR | glob.DOTGLOB | glob.FORCEUNIX
+"""Bash globs with globstar: `**` spans folders, `*` never crosses `/`, dot-names match like any other.
+No braces, no extended globs and no `!` negation: those characters are literal."""
+_NEVER_MATCHES = "(?!)"
+"""What wcmatch puts in a translation for a part that can match nothing, such as `[z-a]`."""
 
 
 def validate_glob(pattern: str) -> str:
@@ -120,7 +149,7 @@ def validate_glob(pattern: str) -> str:
 
 
 def _collapse_double_stars(segments: list[str]) -> list[str]:
-    """`**/**` means the same as `**`, and would only add regex backtracking."""
+    """`**/**` means the same as `**`."""
     collapsed: list[str] = []
     for segment in segments:
         if not (segment == "**" and collapsed[-1:] == ["**"]):
@@ -130,93 +159,36 @@ def _collapse_double_stars(segments: list[str]) -> list[str]:
 
 def compile_globs(patterns: Sequence[str]) -> Callable[[str], bool]:
     """A matcher that says whether a relative POSIX path matches any of the patterns."""
-    union = _union_regex(patterns)
-    if union is None:
+    checked = _checked_globs(patterns)
+    if not checked:
         return lambda _path: False
-    combined = re.compile(union, re.DOTALL)
-    return lambda path: combined.fullmatch(path) is not None
+    return glob.compile(checked, flags=_GLOB_FLAGS).match
 
 
-def _wanted_file_matcher(
-    include: Sequence[str], exclude: Sequence[str]
-) -> Callable[[str], re.Match[str] | None]:
-    """One regex for "matches an include and no exclude", so each file costs one match."""
-    included, excluded = _union_regex(include), _union_regex(exclude)
-    if included is None:
-        return lambda _path: None
-    wanted = included if excluded is None else rf"(?!(?:{excluded})\Z)(?:{included})"
-    return re.compile(wanted, re.DOTALL).fullmatch
+def _wanted_file_matcher(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a relative path matches an include and no exclude."""
+    included, excluded = _checked_globs(include), _checked_globs(exclude)
+    if not included:
+        return lambda _path: False
+    return glob.compile(included, flags=_GLOB_FLAGS, exclude=excluded or None).match
 
 
-def _union_regex(patterns: Sequence[str]) -> str | None:
+def _checked_globs(patterns: Sequence[str]) -> list[str]:
     if isinstance(patterns, str):
         raise TypeError("glob patterns must be a sequence of strings, not one string")
-    regexes = [_compile_glob(pattern).pattern for pattern in patterns]
-    return "|".join(f"(?:{regex})" for regex in regexes) if regexes else None
+    return [_checked_glob(pattern) for pattern in patterns]
 
 
-def _compile_glob(pattern: str) -> re.Pattern[str]:
+def _checked_glob(pattern: str) -> str:
+    """The normalised pattern; one that could never match (a backwards range) is refused."""
     normalised = validate_glob(pattern)
     try:
-        return re.compile(_glob_regex(normalised), re.DOTALL)
-    except re.error as exc:
-        raise GlobError(pattern, f"not a valid pattern: {exc.msg}") from exc
-
-
-def _glob_regex(pattern: str) -> str:
-    segments = pattern.split("/")
-    parts: list[str] = []
-    for index, segment in enumerate(segments):
-        is_last = index == len(segments) - 1
-        if segment == "**":
-            parts.append(".*" if is_last else "(?:[^/]*/)*")
-        else:
-            parts.append(_segment_regex(segment) + ("" if is_last else "/"))
-    return "".join(parts)
-
-
-def _segment_regex(segment: str) -> str:
-    """Translate one path segment; interior `*X` pieces are atomic so matching never backtracks."""
-    pieces = [_piece_regex(piece) for piece in re.split(r"\*+", segment)]
-    if len(pieces) == 1:
-        return pieces[0]
-    middle = "".join(f"(?>[^/]*?{piece})" for piece in pieces[1:-1])
-    return f"{pieces[0]}{middle}[^/]*{pieces[-1]}"
-
-
-def _piece_regex(piece: str) -> str:
-    parts: list[str] = []
-    index = 0
-    while index < len(piece):
-        char = piece[index]
-        if char == "?":
-            parts.append("[^/]")
-        elif char == "[" and (end := _class_end(piece, index)) > index:
-            parts.append(_class_regex(piece[index + 1 : end]))
-            index = end
-        else:
-            parts.append(re.escape(char))
-        index += 1
-    return "".join(parts)
-
-
-def _class_end(piece: str, start: int) -> int:
-    """Index of the `]` closing the class opened at `start`, or -1 when it is a literal `[`."""
-    index = start + 1
-    if index < len(piece) and piece[index] in "!^":
-        index += 1
-    if index < len(piece) and piece[index] == "]":
-        index += 1
-    return piece.find("]", index)
-
-
-def _class_regex(body: str) -> str:
-    negate = body[:1] in ("!", "^")
-    if negate:
-        body = body[1:]
-    escaped = re.sub(r"([\\\[\]&~|^])", r"\\\1", body)
-    escaped = re.sub(r"-{2,}", lambda run: "\\-" * len(run.group()), escaped)
-    return f"(?!/)[{'^' if negate else ''}{escaped}]"
+        (regex,), _ = glob.translate(normalised, flags=_GLOB_FLAGS)
+    except ValueError as exc:
+        raise GlobError(pattern, f"not a valid pattern: {exc}") from exc
+    if _NEVER_MATCHES in regex:
+        raise GlobError(pattern, "can never match: a character range runs backwards")
+    return normalised
 
 
 def _hidden_dir_matcher(include: Sequence[str]) -> Callable[[str], bool]:
@@ -236,17 +208,54 @@ def _pruned_dir_matcher(exclude: Sequence[str]) -> Callable[[str], bool]:
     return compile_globs([pattern[:-3] for pattern in normalised if pattern.endswith("/**")])
 
 
+# --- source identity ---------------------------------------------------------
+
+
+def source_identity(root: str | os.PathLike[str], source_name: str | None = None) -> str:
+    """The name a source's documents are stored under: `source_name`, else the folder's absolute path.
+
+    The path is taken as given, symlinks not resolved, so a link switched to a new
+    release (`current -> releases/v2`) stays the same source. Raises SourceError for a
+    path that is not valid UTF-8 and has no name, since it could not be stored.
+    """
+    if source_name:
+        return source_name
+    path = os.path.abspath(os.fspath(root))
+    if not _is_utf8(path):
+        raise SourceError(_readable(path), "the path is not valid UTF-8; name the source instead")
+    return path
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _readable(name: str) -> str:
+    """A file name fit for a report: bytes that are not UTF-8 written as `\\xff` escapes."""
+    return name if _is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 # --- walking ---------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class _WalkRules:
-    wants_file: Callable[[str], re.Match[str] | None]
+    wants_file: Callable[[str], bool]
     """Takes a relative file path: included and not excluded."""
     enters_hidden: Callable[[str], bool]
     """Takes a dot-folder name."""
     prunes_dir: Callable[[str], bool]
     """Takes a relative folder path."""
+    root_real: str
+    """The source root with every symlink resolved."""
+    follow_external_links: bool
 
 
 class _Folder(NamedTuple):
@@ -277,17 +286,33 @@ class _ReadRefused(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class SourceWalk:
+    """The files a walk listed. Iterating reads and hashes them, in order of relative path."""
+
+    candidates: tuple[_Candidate, ...]
+    max_bytes: int
+    skipped: tuple[FileFailure, ...]
+    """Entries left out on purpose, with the reason: symlinks whose target is outside the
+    source root (unless `follow_external_links`). Complete as soon as `walk_source` returns."""
+
+    def __iter__(self) -> Iterator[FoundFile | FileFailure]:
+        for candidate in self.candidates:
+            yield _found_or_failure(candidate, self.max_bytes)
+
+
 def walk_source(
     root: Path,
     *,
     include: Sequence[str] = DEFAULT_INCLUDE,
     exclude: Sequence[str] = (),
     max_bytes: int = DEFAULT_MAX_BYTES,
-) -> Iterator[FoundFile | FileFailure]:
-    """Yield every wanted file under `root`, sorted by relative path, read and hashed.
+    follow_external_links: bool = False,
+) -> SourceWalk:
+    """List every wanted file under `root`; iterate the result to read and hash them.
 
-    Raises at once (not on first iteration) for a missing root, a root that is
-    not a folder, a refused glob or a negative `max_bytes`.
+    Raises at once for a missing or unreadable root, a root that is not a folder,
+    a refused glob or a negative `max_bytes`.
     """
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be 0 or more, got {max_bytes}")
@@ -296,8 +321,16 @@ def walk_source(
         wants_file=_wanted_file_matcher(include, exclude),
         enters_hidden=_hidden_dir_matcher(include),
         prunes_dir=_pruned_dir_matcher(exclude),
+        root_real=os.path.realpath(root_dir),
+        follow_external_links=follow_external_links,
     )
-    return _read_wanted_files(root_dir, rules, max_bytes)
+    scan = _Scan(rules)
+    scan.walk(root_dir)
+    return SourceWalk(
+        candidates=tuple(sorted(scan.candidates, key=itemgetter(0))),
+        max_bytes=max_bytes,
+        skipped=tuple(sorted(scan.skipped, key=attrgetter("path"))),
+    )
 
 
 def _checked_root(root: Path) -> str:
@@ -309,38 +342,63 @@ def _checked_root(root: Path) -> str:
     return root_dir
 
 
-def _read_wanted_files(root_dir: str, rules: _WalkRules, max_bytes: int) -> Iterator[FoundFile | FileFailure]:
-    candidates = _scan_tree(root_dir, rules)
-    candidates.sort(key=itemgetter(0))
-    for candidate in candidates:
-        if candidate.problem is not None:
-            yield FileFailure(candidate.path, candidate.problem)
-            continue
-        try:
-            data = _read_limited(candidate.abs_path, max_bytes, vanished="during the walk")
-        except _ReadRefused as refused:
-            yield FileFailure(candidate.path, refused.reason)
-            continue
-        yield FoundFile(candidate.path, candidate.location, len(data), sha256_bytes(data))
+def _found_or_failure(candidate: _Candidate, max_bytes: int) -> FoundFile | FileFailure:
+    if candidate.problem is not None or not _is_utf8(candidate.path):
+        return FileFailure(_readable(candidate.path), candidate.problem or _NAME_NOT_UTF8)
+    try:
+        data = _read_limited(candidate.abs_path, max_bytes, vanished="during the walk")
+    except _ReadRefused as refused:
+        return FileFailure(candidate.path, refused.reason)
+    return FoundFile(candidate.path, candidate.location, len(data), sha256_bytes(data))
 
 
-def _scan_tree(root_dir: str, rules: _WalkRules) -> list[_Candidate]:
-    """List the wanted files. Each real folder is listed once, under its first path off the heap."""
-    candidates: list[_Candidate] = []
-    visited: set[tuple[int, int]] = set()
-    pending = [_Folder(False, "", root_dir, Path(root_dir))]
-    while pending:
-        folder = heapq.heappop(pending)
-        if not _first_visit(folder.abs_path, visited):
-            continue
-        for entry in _list_dir(folder, candidates):
-            rel_path = folder.path + entry.name
-            if _is_dir(entry):
-                if _enters_dir(entry.name, rel_path, rules):
-                    heapq.heappush(pending, _subfolder(folder, entry, rel_path))
-            elif rules.wants_file(rel_path):
-                candidates.append(_file_candidate(folder, entry, rel_path))
-    return candidates
+_NAME_NOT_UTF8 = "file name is not valid UTF-8; rename the file"
+
+
+class _Scan:
+    """One listing of a source. Each real folder is listed once, under its first path off the heap."""
+
+    def __init__(self, rules: _WalkRules) -> None:
+        self.rules = rules
+        self.candidates: list[_Candidate] = []
+        self.skipped: list[FileFailure] = []
+        self.visited: set[tuple[int, int]] = set()
+        self.pending: list[_Folder] = []
+
+    def walk(self, root_dir: str) -> None:
+        self.pending.append(_Folder(False, "", root_dir, Path(root_dir)))
+        while self.pending:
+            folder = heapq.heappop(self.pending)
+            if _first_visit(folder.abs_path, self.visited):
+                for entry in _list_dir(folder, self.candidates):
+                    self._sort_entry(folder, entry, folder.path + entry.name)
+
+    def _sort_entry(self, folder: _Folder, entry: os.DirEntry[str], rel_path: str) -> None:
+        """Queue a folder, list a wanted file, or report a link that cannot be followed."""
+        if _is_dir(entry):
+            if _enters_dir(entry.name, rel_path, self.rules) and self._follows(entry, rel_path):
+                heapq.heappush(self.pending, _subfolder(folder, entry, rel_path))
+        elif self.rules.wants_file(rel_path):
+            if self._follows(entry, rel_path):
+                self.candidates.append(_file_candidate(folder, entry, rel_path))
+        elif entry.is_symlink() and _enters_dir(entry.name, rel_path, self.rules):
+            # A link that does not resolve may have been a folder: report it, so that
+            # nothing stored under its path is deleted.
+            problem = _unreachable_reason(entry)
+            if problem is not None and self._follows(entry, rel_path):
+                location = folder.location / entry.name
+                self.candidates.append(_Candidate(rel_path, entry.path, location, problem))
+
+    def _follows(self, entry: os.DirEntry[str], rel_path: str) -> bool:
+        """False for a symlink out of the source root, which is then listed as skipped."""
+        if self.rules.follow_external_links or not entry.is_symlink():
+            return True
+        target = os.path.realpath(entry.path)
+        if target == self.rules.root_real or target.startswith(os.path.join(self.rules.root_real, "")):
+            return True
+        reason = f"symlink to {_readable(target)}, outside the source root"
+        self.skipped.append(FileFailure(_readable(rel_path), reason))
+        return False
 
 
 def _subfolder(parent: _Folder, entry: os.DirEntry[str], rel_path: str) -> _Folder:
@@ -399,13 +457,18 @@ def _file_candidate(folder: _Folder, entry: os.DirEntry[str], rel_path: str) -> 
 
 
 def _not_a_file_reason(entry: os.DirEntry[str]) -> str:
+    return _unreachable_reason(entry) or "not a regular file"
+
+
+def _unreachable_reason(entry: os.DirEntry[str]) -> str | None:
+    """Why the entry's target cannot be reached, or None when it can."""
     try:
         os.stat(entry.path)
     except FileNotFoundError:
         return "broken symlink" if entry.is_symlink() else "file disappeared during the walk"
     except OSError as exc:
         return _describe_os_error(exc, vanished="during the walk")
-    return "not a regular file"
+    return None
 
 
 def _read_limited(abs_path: str, max_bytes: int, *, vanished: str) -> bytes:
@@ -456,8 +519,6 @@ def _describe_os_error(exc: OSError, *, vanished: str) -> str:
 
 
 # --- parsing ---------------------------------------------------------------
-
-
 def read_document(found: FoundFile, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedDocument:
     """Read the file again, hash what was read, and parse it.
 
@@ -687,50 +748,47 @@ def _file_stem(path: str) -> str:
 # --- headings --------------------------------------------------------------
 
 _HEADING_HINT = re.compile(r"^ {0,3}(?:#|=+[ \t]*$|-+[ \t]*$)", re.MULTILINE)
-_ATX_HEADING = re.compile(r" {0,3}#{1,6}(?:[ \t]+(?P<text>.*?))?[ \t]*")
-_ATX_CLOSING = re.compile(r"(?:^|[ \t]+)#+$")
-_FENCE_OPEN = re.compile(r" {0,3}(?P<fence>`{3,}(?!.*`)|~{3,})")
-_SETEXT_UNDERLINE = re.compile(r" {0,3}(?:=+|-+)[ \t]*")
-_THEMATIC_BREAK = re.compile(r" {0,3}(?:(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,})")
-_NOT_PARAGRAPH = re.compile(r" {0,3}(?:[>|<]|[-*+](?:[ \t]|$)|\d{1,9}[.)](?:[ \t]|$))|\s*$")
+"""A line that could start an ATX heading or underline a setext one: no such line, no heading."""
+
+
+@lru_cache(maxsize=1)
+def _block_parser() -> MarkdownIt:
+    # The chunker's block parser (tasks/chunk.py), so the title fallback and the chunks'
+    # heading paths agree on what a heading is. Inline parsing is not needed.
+    return MarkdownIt("commonmark").enable("table").disable("inline")
 
 
 def first_heading(body: str) -> str | None:
-    """Text of the first ATX or setext heading outside fenced code, or None."""
-    if _HEADING_HINT.search(body) is None:
+    """Text of the first top-level heading (ATX or setext), or None.
+
+    Headings inside code, HTML blocks (comments included), lists and quotes do not
+    count. Only a prefix of the body is parsed, doubled until a heading turns up: the
+    block structure of the lines before a heading never depends on the lines after it.
+    """
+    hint = _HEADING_HINT.search(body)
+    if hint is None:
         return None
-    paragraph: list[str] = []
-    fence: str | None = None
-    for line in body.split("\n"):
-        if fence is not None:
-            fence = None if _closes_fence(line, fence) else fence
-            continue
-        if paragraph and _SETEXT_UNDERLINE.fullmatch(line):
-            return " ".join(" ".join(paragraph).split())
-        if (opening := _FENCE_OPEN.match(line)) is not None:
-            fence, paragraph = opening.group("fence"), []
-        elif (heading := _ATX_HEADING.fullmatch(line)) is not None:
-            if title := _ATX_CLOSING.sub("", heading.group("text") or "").strip():
+    end = _end_of_next_line(body, hint.start())
+    while True:
+        title = _first_heading_token(body[:end])
+        if title is not None or end >= len(body):
+            return title
+        end = _end_of_next_line(body, 2 * end)
+
+
+def _end_of_next_line(text: str, position: int) -> int:
+    """The end of the line after the one holding `position`, so a setext underline is included."""
+    line_end = text.find("\n", position)
+    if line_end < 0:
+        return len(text)
+    next_end = text.find("\n", line_end + 1)
+    return len(text) if next_end < 0 else next_end + 1
+
+
+def _first_heading_token(text: str) -> str | None:
+    tokens = _block_parser().parse(text)
+    for opening, inline in itertools.pairwise(tokens):
+        if opening.type == "heading_open" and opening.level == 0:
+            if title := " ".join(inline.content.split()):
                 return title
-            paragraph = []
-        elif _is_paragraph_text(line, paragraph):
-            paragraph.append(line)
-        else:
-            paragraph = []
     return None
-
-
-def _is_paragraph_text(line: str, paragraph: list[str]) -> bool:
-    """Whether the line is paragraph text, which a setext underline can turn into a heading."""
-    if _THEMATIC_BREAK.fullmatch(line) or _NOT_PARAGRAPH.match(line):
-        return False
-    return bool(paragraph) or not line.startswith("    ")
-
-
-def _closes_fence(line: str, fence: str) -> bool:
-    stripped = line.strip()
-    return (
-        len(line) - len(line.lstrip(" ")) <= 3
-        and len(stripped) >= len(fence)
-        and stripped == fence[0] * len(stripped)
-    )

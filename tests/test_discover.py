@@ -18,10 +18,12 @@ from tasks.discover import (
     DEFAULT_INCLUDE,
     DocumentError,
     GlobError,
+    SourceError,
     compile_globs,
     first_folder_namespace,
     parse_document,
     read_document,
+    source_identity,
     validate_glob,
     walk_source,
 )
@@ -127,6 +129,39 @@ def test_validate_glob_normalises_and_returns_the_pattern() -> None:
         validate_glob("/etc/*")
 
 
+@pytest.mark.parametrize(
+    ("pattern", "path"),
+    [("!x.md", "!x.md"), ("{a,b}.md", "{a,b}.md"), ("+(a).md", "+(a).md"), ("#x.md", "#x.md")],
+)
+def test_braces_extended_globs_and_negation_are_literal(pattern: str, path: str) -> None:
+    assert compile_globs([pattern])(path) is True
+    assert compile_globs([pattern])("a.md") is False
+
+
+def test_star_does_not_match_a_trailing_newline() -> None:
+    matches = compile_globs(["*.md"])
+    assert matches("line\nbreak.md") is True
+    assert matches("x.md\n") is False
+
+
+def test_source_is_the_absolute_path_as_given_or_the_name(tmp_path: Path) -> None:
+    (tmp_path / "releases" / "v1").mkdir(parents=True)
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "v1", target_is_directory=True)
+    assert source_identity(tmp_path / "current") == str(tmp_path / "current")
+    assert source_identity(tmp_path / "current" / ".." / "current/") == str(tmp_path / "current")
+    assert source_identity(tmp_path / "current", "handbook") == "handbook"
+    relative = os.path.relpath(tmp_path / "current")
+    assert source_identity(Path(relative)) == str(tmp_path / "current")
+
+
+def test_a_source_path_that_is_not_utf8_needs_a_name() -> None:
+    path = os.fsdecode(b"/srv/caf\xe9")
+    with pytest.raises(SourceError) as caught:
+        source_identity(path)
+    assert str(caught.value) == "source /srv/caf\\xe9: the path is not valid UTF-8; name the source instead"
+    assert source_identity(path, "cafe") == "cafe"
+
+
 def test_one_string_instead_of_a_list_of_patterns_is_refused() -> None:
     with pytest.raises(TypeError):
         compile_globs("**/*.md")
@@ -198,16 +233,88 @@ def test_real_folder_wins_over_a_symlink_to_it(tmp_path: Path) -> None:
     assert walk_paths(tmp_path) == ["v3/page.md"]
 
 
-def test_symlinks_to_files_and_outside_folders_are_followed(tmp_path: Path) -> None:
+def test_symlinks_inside_the_root_are_followed(tmp_path: Path) -> None:
+    write(tmp_path, "local.md")
+    write(tmp_path, ".store/v1/guide.md", "# Guide\n")
+    (tmp_path / "docs").symlink_to(".store/v1", target_is_directory=True)
+    (tmp_path / "alias.md").symlink_to(tmp_path / "local.md")
+    walk = walk_source(tmp_path)
+    files = {item.path: item for item in walk if isinstance(item, FoundFile)}
+    assert sorted(files) == ["alias.md", "docs/guide.md", "local.md"]
+    assert files["docs/guide.md"].abs_path == tmp_path / "docs" / "guide.md"
+    assert files["alias.md"].content_hash == files["local.md"].content_hash
+    assert walk.skipped == ()
+
+
+def outside_links(tmp_path: Path) -> Path:
+    """A source with a file link and a folder link that leave it, and a link that comes back in."""
     root, outside = tmp_path / "root", tmp_path / "outside"
     write(outside, "shared/guide.md", "# Guide\n")
+    write(outside, "secret.md", "# Secret\n")
     write(root, "local.md")
     (root / "shared").symlink_to(outside / "shared", target_is_directory=True)
-    (root / "alias.md").symlink_to(root / "local.md")
-    files = found_files(root)
-    assert sorted(files) == ["alias.md", "local.md", "shared/guide.md"]
+    (root / "passwd.md").symlink_to(outside / "secret.md")
+    (outside / "back").symlink_to(root, target_is_directory=True)
+    (root / "detour.md").symlink_to(outside / "back" / "local.md")
+    return root
+
+
+def test_symlinks_that_leave_the_root_are_skipped_and_listed(tmp_path: Path) -> None:
+    root = outside_links(tmp_path)
+    walk = walk_source(root)
+    assert [item.path for item in walk] == ["detour.md", "local.md"]
+    outside = (tmp_path / "outside").resolve()
+    assert {item.path: item.reason for item in walk.skipped} == {
+        "passwd.md": f"symlink to {outside / 'secret.md'}, outside the source root",
+        "shared": f"symlink to {outside / 'shared'}, outside the source root",
+    }
+
+
+def test_symlinks_that_leave_the_root_are_followed_when_asked(tmp_path: Path) -> None:
+    root = outside_links(tmp_path)
+    walk = walk_source(root, follow_external_links=True)
+    files = {item.path: item for item in walk if isinstance(item, FoundFile)}
+    assert sorted(files) == ["detour.md", "local.md", "passwd.md", "shared/guide.md"]
     assert files["shared/guide.md"].abs_path == root / "shared" / "guide.md"
-    assert files["alias.md"].content_hash == files["local.md"].content_hash
+    assert walk.skipped == ()
+
+
+def test_a_link_out_to_etc_passwd_is_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "ok.md")
+    (tmp_path / "passwd.md").symlink_to("/etc/passwd")
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(path: str, flags: int, *args: int) -> int:
+        opened.append(str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    walk = walk_source(tmp_path)
+    assert [item.path for item in walk] == ["ok.md"]
+    assert [item.path for item in walk.skipped] == ["passwd.md"]
+    assert opened == [str(tmp_path / "ok.md")]
+
+
+def test_links_to_devices_and_fifos_never_hang(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "fifo.md").symlink_to(tmp_path / "pipe")
+    (tmp_path / "zero.md").symlink_to("/dev/zero")
+    (tmp_path / "null.md").symlink_to("/dev/null")
+    walk = walk_source(tmp_path, follow_external_links=True)
+    assert failures(walk) == {
+        "fifo.md": "not a regular file",
+        "null.md": "not a regular file",
+        "zero.md": "not a regular file",
+    }
+    assert sorted(item.path for item in walk_source(tmp_path).skipped) == ["null.md", "zero.md"]
+
+
+def test_hardlinks_are_two_files_with_one_hash(tmp_path: Path) -> None:
+    os.link(write(tmp_path, "a.md", "# Same\n"), tmp_path / "b.md")
+    files = found_files(tmp_path)
+    assert sorted(files) == ["a.md", "b.md"]
+    assert files["a.md"].content_hash == files["b.md"].content_hash
 
 
 def test_folder_named_like_markdown_is_walked_not_yielded(tmp_path: Path) -> None:
@@ -239,10 +346,25 @@ def test_broken_symlink_and_symlink_loop_file_are_failures(tmp_path: Path) -> No
     write(tmp_path, "ok.md")
     (tmp_path / "gone.md").symlink_to(tmp_path / "missing.md")
     (tmp_path / "loop.md").symlink_to("loop.md")
-    (tmp_path / "ignored.txt").symlink_to(tmp_path / "missing.txt")
+    (tmp_path / ".hidden").symlink_to(tmp_path / "missing")
     items = list(walk_source(tmp_path))
     assert failures(items) == {"gone.md": "broken symlink", "loop.md": "symlink loop"}
     assert [item.path for item in items] == ["gone.md", "loop.md", "ok.md"]
+
+
+def test_a_link_that_does_not_resolve_is_a_failure_whatever_its_name(tmp_path: Path) -> None:
+    """It may have been a folder of pages: a failure keeps what is stored under its path."""
+    write(tmp_path, "ok.md")
+    (tmp_path / "docs").symlink_to(tmp_path / "vanished", target_is_directory=True)
+    (tmp_path / "logo.png").symlink_to("missing.png")
+    (tmp_path / "circle").symlink_to("circle")
+    (tmp_path / "drafts").symlink_to(tmp_path / "vanished")
+    items = list(walk_source(tmp_path, exclude=["drafts/**"]))
+    assert failures(items) == {
+        "circle": "symlink loop",
+        "docs": "broken symlink",
+        "logo.png": "broken symlink",
+    }
 
 
 def test_fifo_with_a_markdown_name_is_reported_and_does_not_block(tmp_path: Path) -> None:
@@ -279,6 +401,37 @@ def test_unreadable_file_and_folder_are_reported(tmp_path: Path) -> None:
         }
     finally:
         (tmp_path / "locked").chmod(0o755)
+
+
+def test_a_link_to_a_folder_that_became_unreadable_is_reported(tmp_path: Path) -> None:
+    root, store = tmp_path / "kb", tmp_path / "kb" / ".store"
+    write(store, "locked/v1/page.md")
+    write(store, "shut/page.md")
+    (root / "behind").symlink_to(store / "locked" / "v1", target_is_directory=True)
+    (root / "shut").symlink_to(store / "shut", target_is_directory=True)
+    (store / "locked").chmod(0)
+    (store / "shut").chmod(0)
+    try:
+        assert _walk_failures_without_root_override(root) == {
+            "behind": "permission denied",
+            "shut": "cannot list folder: permission denied",
+        }
+    finally:
+        (store / "locked").chmod(0o755)
+        (store / "shut").chmod(0o755)
+
+
+def test_a_file_name_that_is_not_utf8_is_a_failure_with_a_readable_path(tmp_path: Path) -> None:
+    write(tmp_path, "ok.md")
+    for raw in (b"bad\xffname.md", b"caf\xe9/page.md"):
+        os.makedirs(os.path.dirname(os.fsencode(tmp_path) + b"/" + raw), exist_ok=True)
+        with open(os.fsencode(tmp_path) + b"/" + raw, "wb") as bad:
+            bad.write(b"# Bad\n")
+    items = list(walk_source(tmp_path))
+    reason = "file name is not valid UTF-8; rename the file"
+    assert failures(items) == {"bad\\xffname.md": reason, "caf\\xe9/page.md": reason}
+    assert [item.path for item in items if isinstance(item, FoundFile)] == ["ok.md"]
+    assert all(item.path.encode("utf-8") for item in items)
 
 
 def test_missing_or_non_folder_root_raises_at_once(tmp_path: Path) -> None:
@@ -437,6 +590,25 @@ def test_heading_inside_code_fence_is_ignored() -> None:
     text = "```bash\n# not a heading\n```\n~~~~\n# nor this\n~~~\n~~~~\n# Outside\n"
     assert parse(text).title == "Outside"
     assert parse("```\n# never closed\n").title == "page"
+
+
+def test_heading_inside_an_html_comment_or_block_is_ignored() -> None:
+    text = "<!--\n# Old title, commented out\n\n## Still a comment\n-->\n\n# Real title\n"
+    assert parse(text).title == "Real title"
+    assert parse("<div>\n# Inside HTML\n</div>\n\n# After\n").title == "After"
+    assert parse("<!-- # not a heading -->\ntext\n").title == "page"
+
+
+def test_headings_nested_in_quotes_and_lists_do_not_name_the_page() -> None:
+    assert parse("> # Quoted\n\n- # Listed\n\n1. Setext in a list\n   ---\n\n# Top\n").title == "Top"
+
+
+def test_the_first_heading_is_found_far_into_a_long_page() -> None:
+    fence = "```\n" + "# comment in code\n" * 5000 + "```\n"
+    prose = "Some text on a line.\n" * 3000
+    assert parse(fence + prose + "\nLate\n====\n").title == "Late"
+    assert parse(prose + "# Tail").title == "Tail"
+    assert parse("# \n#\n" + prose + "## Second\n").title == "Second"
 
 
 def test_title_falls_back_to_file_stem() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
 from config.settings import Settings
 from flows.params import (
@@ -26,9 +27,11 @@ from flows.params import (
     existing_folder,
     run_settings,
 )
+from tasks.discover import source_identity
 from tasks.embed import Embedder, make_embedder
 from tasks.index import indexes_missing, vacuum
 from tasks.load import LoadRequest, LoadResult, load_run, nothing_to_load
+from tasks.outcome import final_state
 from tasks.plan import ChangePlan, discover_changes
 from tasks.prepare import PrepareStats, Shard, chunk_spec, plan_shards, prepare_shard
 from tasks.registry import EmbeddingModel
@@ -70,7 +73,7 @@ def run_ingest(
 ) -> Summary:
     """Sync `root` into the database; returns the summary. Wires the stages, nothing more."""
     clock, started_at = StageClock(), datetime.now(UTC)
-    with open_run(settings, source_name or str(root.absolute())) as run:
+    with open_run(settings, source_identity(root, source_name)) as run:
         models = runner(models_stage, run, settings)
         embedders = {m.slug: embedder_factory(m, settings) for m in models}
         spec = chunk_spec(settings, list(embedders.values()))
@@ -171,7 +174,7 @@ def ingest(
     batch_size: BatchSize = None,
     index_strategy: IndexStrategyChoice = ENVIRONMENT,
     settings_overrides: SettingsOverrides | None = None,
-) -> Summary:
+) -> Summary | State[Summary]:
     """Sync a folder of Markdown into Postgres + pgvector, embedding only what changed.
 
     Args:
@@ -220,7 +223,7 @@ def bulk_load(
     dimensions: Dimensions = None,
     batch_size: BatchSize = None,
     settings_overrides: SettingsOverrides | None = None,
-) -> Summary:
+) -> Summary | State[Summary]:
     """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE.
 
     The same sync as `ingest`, with the index strategy forced to `drop`. It is a flow of its
@@ -264,10 +267,14 @@ def _sync_from_flow(
     profile: str | None,
     settings_overrides: SettingsOverrides | None,
     **choices: Any,
-) -> Summary:
-    """The body both sync flows share: check the folder, build the settings, run the stages as tasks."""
+) -> Summary | State[Summary]:
+    """The body both sync flows share: check the folder, build the settings, run the stages as tasks.
+
+    Returns the summary, or a state that shows file failures (see `tasks.outcome.final_state`).
+    """
     folder = existing_folder(source)
     settings = run_settings(profile, settings_overrides, **choices)
-    return run_ingest(
+    summary = run_ingest(
         settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task
     )
+    return final_state(summary)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.client.schemas.objects import State
 
 from config.settings import Settings
 from flows.params import (
@@ -31,7 +30,6 @@ from tasks.discover import source_identity
 from tasks.embed import Embedder, make_embedder
 from tasks.index import indexes_missing, vacuum
 from tasks.load import LoadRequest, LoadResult, load_run, nothing_to_load
-from tasks.outcome import final_state
 from tasks.plan import ChangePlan, discover_changes
 from tasks.prepare import PrepareStats, Shard, chunk_spec, plan_shards, prepare_shard
 from tasks.registry import EmbeddingModel
@@ -174,7 +172,7 @@ def ingest(
     batch_size: BatchSize = None,
     index_strategy: IndexStrategyChoice = ENVIRONMENT,
     settings_overrides: SettingsOverrides | None = None,
-) -> Summary | State[Summary]:
+) -> Summary:
     """Sync a folder of Markdown into Postgres + pgvector, embedding only what changed.
 
     Args:
@@ -223,7 +221,7 @@ def bulk_load(
     dimensions: Dimensions = None,
     batch_size: BatchSize = None,
     settings_overrides: SettingsOverrides | None = None,
-) -> Summary | State[Summary]:
+) -> Summary:
     """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE.
 
     The same sync as `ingest`, with the index strategy forced to `drop`. It is a flow of its
@@ -267,14 +265,10 @@ def _sync_from_flow(
     profile: str | None,
     settings_overrides: SettingsOverrides | None,
     **choices: Any,
-) -> Summary | State[Summary]:
-    """The body both sync flows share: check the folder, build the settings, run the stages as tasks.
-
-    Returns the summary, or a state that shows file failures (see `tasks.outcome.final_state`).
-    """
+) -> Summary:
+    """The body both sync flows share: check the folder, build the settings, run the stages as tasks."""
     folder = existing_folder(source)
     settings = run_settings(profile, settings_overrides, **choices)
-    summary = run_ingest(
+    return run_ingest(
         settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task
     )
-    return final_state(summary)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from markdown_it import MarkdownIt
 
 from tasks.discover import (
     DEFAULT_INCLUDE,
@@ -21,6 +22,7 @@ from tasks.discover import (
     SourceError,
     compile_globs,
     first_folder_namespace,
+    first_heading,
     parse_document,
     read_document,
     source_identity,
@@ -705,6 +707,50 @@ def test_compiled_globs_never_match_across_folders_with_one_star(pieces: list[st
     matches = compile_globs([pattern])
     if "**" not in pattern:
         assert not any(matches(path) for path in ["a/b", "a/a.md", "b/.md"])
+
+
+heading_ish_lines = st.lists(
+    st.sampled_from(
+        [
+            "# Alpha beta gamma",
+            "## B ##",
+            "#",
+            "Setext title words",
+            "===",
+            "---",
+            "```",
+            "~~~",
+            "<!--",
+            "-->",
+            "<div>",
+            "",
+            "> # Q",
+            "- item",
+            "    # code",
+            "| a | b |",
+            "|---|---|",
+            "1. one",
+            "text",
+        ]
+    ),
+    max_size=40,
+)
+
+
+def first_heading_of_a_full_parse(body: str) -> str | None:
+    tokens = MarkdownIt("commonmark").enable("table").parse(body)
+    for opening, inline in zip(tokens, tokens[1:], strict=False):
+        if opening.type == "heading_open" and opening.level == 0 and inline.content.split():
+            return " ".join(inline.content.split())
+    return None
+
+
+@pytest.mark.timeout(120)
+@property_settings
+@given(heading_ish_lines, st.integers(min_value=0, max_value=3))
+def test_first_heading_agrees_with_a_parse_of_the_whole_page(lines: list[str], padding: int) -> None:
+    body = "\n".join(lines) + "\n" * padding
+    assert first_heading(body) == first_heading_of_a_full_parse(body)
 
 
 # --- real corpus -----------------------------------------------------------

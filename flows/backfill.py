@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal
 from prefect import flow
 from pydantic import Field
 
-from config.settings import Settings
+from config.settings import ProviderName, Settings
+from flows.params import ENVIRONMENT, ModelNameText, PrecisionChoice, Profile, SettingsOverrides, run_settings
 from tasks.backfill import (
     activate,
     build_index,
@@ -142,15 +143,15 @@ def _describe(model: EmbeddingModel) -> dict[str, Any]:
 
 @flow(name="backfill", log_prints=True, persist_result=False)
 def backfill(
-    provider: Literal["openai", "sentence-transformers", "hash"],
-    model: Annotated[str, Field(min_length=1)],
+    provider: ProviderName,
+    model: ModelNameText,
     dimensions: Annotated[int, Field(ge=1, le=4000)],
-    precision: Precision | None = None,
+    precision: PrecisionChoice = "auto",
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500,
     activate: bool = False,
     dry_run: bool = False,
-    profile: Literal["dev", "prod"] | None = None,
-    settings_overrides: dict[str, Any] | None = None,
+    profile: Profile = ENVIRONMENT,
+    settings_overrides: SettingsOverrides | None = None,
 ) -> dict[str, Any]:
     """Add an embedding-model column, fill it in resumable batches, index it, and optionally switch to it.
 
@@ -158,22 +159,20 @@ def backfill(
         provider: Embedding provider of the new model.
         model: Model name, e.g. text-embedding-3-small.
         dimensions: Vector dimensions of the model (HNSW indexes up to 2,000 as vector, 4,000 as halfvec).
-        precision: vector or halfvec. Empty: halfvec above 2,000 dimensions, else vector.
+        precision: vector or halfvec. auto: halfvec above 2,000 dimensions, else vector.
         batch_size: Rows per committed batch.
         activate: Make it the primary model once its column is complete and indexed.
         dry_run: Only count the rows, tokens and estimated cost; spend nothing.
-        profile: Settings profile from config/ (dev or prod). Empty: the environment.
-        settings_overrides: Advanced: any other setting by field name.
+        profile: Settings profile from config/: dev (local model) or prod (OpenAI). environment: none.
+        settings_overrides: Advanced: other settings by field name. Secrets and unknown keys are refused.
     """
-    from config.settings import load_settings
-
-    settings = load_settings(profile, **(settings_overrides or {}))
+    settings = run_settings(profile, settings_overrides)
     return run_backfill(
         settings,
         provider=provider,
         model=model,
         dimensions=dimensions,
-        precision=precision,
+        precision=None if precision in (None, "auto") else precision,
         batch_size=batch_size,
         activate_when_done=activate,
         dry_run=dry_run,

@@ -7,11 +7,24 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow
 
 from config.settings import Settings
+from flows.params import (
+    ENVIRONMENT,
+    FilePath,
+    ModelSlugs,
+    Profile,
+    ResultsRead,
+    SearchModes,
+    SearchOptionsOverrides,
+    SettingsOverrides,
+    Thresholds,
+    Tolerance,
+    run_settings,
+)
 from tasks.db import Connection, open_database
 from tasks.embed import Embedder, Vectors, make_embedder
 from tasks.evaluate import (
@@ -151,16 +164,16 @@ def gate(
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(
-    cases: str,
-    modes: list[SearchMode] | None = None,
-    models: list[str | None] | None = None,
-    k: int = 10,
-    search_options: dict[str, Any] | None = None,
-    fail_under: dict[str, float] | None = None,
-    baseline: str | None = None,
-    tolerance: float = GATE_TOLERANCE,
-    profile: Literal["dev", "prod"] | None = None,
-    settings_overrides: dict[str, Any] | None = None,
+    cases: FilePath,
+    modes: SearchModes = SEARCH_MODES,
+    models: ModelSlugs = None,
+    k: ResultsRead = 10,
+    search_options: SearchOptionsOverrides | None = None,
+    fail_under: Thresholds = None,
+    baseline: FilePath | None = None,
+    tolerance: Tolerance = GATE_TOLERANCE,
+    profile: Profile = ENVIRONMENT,
+    settings_overrides: SettingsOverrides | None = None,
 ) -> Report:
     """Measure retrieval on labelled cases: pass@1, pass@3, pass@k, recall@k, MRR and nDCG@10
     per (mode, model). Fails the run when a metric is under `fail_under` or below the baseline.
@@ -171,24 +184,22 @@ def evaluate(
         modes: Search modes to measure: vector, lexical, hybrid. Empty: all three.
         models: Model slugs to measure. Empty: the primary model.
         k: Results read per query for pass@k, recall@k and MRR.
-        search_options: Advanced: search options (min_score, ef_search, rrf_k).
+        search_options: Advanced: search options (min_score, ef_search, rrf_k). Empty: the settings.
         fail_under: Metric thresholds, e.g. {"mrr": 0.8}; the run fails under any of them.
         baseline: Path of a baseline JSON report; the run fails more than `tolerance` below it.
         tolerance: How far below the baseline a metric may fall.
-        profile: Settings profile from config/ (dev or prod). Empty: the environment.
-        settings_overrides: Advanced: any other setting by field name.
+        profile: Settings profile from config/: dev (local model) or prod (OpenAI). environment: none.
+        settings_overrides: Advanced: other settings by field name. Secrets and unknown keys are refused.
     """
-    from config.settings import load_settings
-
-    settings = load_settings(profile, **(settings_overrides or {}))
+    settings = run_settings(profile, settings_overrides)
     report = run_evaluation(
         settings,
         Path(cases),
-        modes=modes or list(SEARCH_MODES),
+        modes=modes or SEARCH_MODES,
         models=models or [None],
         k=k,
         runner=run_as_task,
-        **(search_options or {}),
+        **(search_options.model_dump(exclude_none=True) if search_options else {}),
     )
     failures = gate(
         report, fail_under=fail_under, baseline=Path(baseline) if baseline else None, tolerance=tolerance

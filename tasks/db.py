@@ -26,10 +26,65 @@ Connection = psycopg.Connection[Any]
 
 
 def database_url(settings: Settings) -> str:
-    """DATABASE_URL when set, else the embedded server under RAGINGEST_HOME (started on demand)."""
+    """DATABASE_URL when set (checked, so a malformed one fails here with its password masked),
+    else the embedded server under RAGINGEST_HOME (started on demand)."""
     if settings.database_url is not None:
-        return settings.database_url.get_secret_value()
+        return checked_url(settings.database_url.get_secret_value())
     return embedded_server_url(settings.home)
+
+
+class DatabaseConnectionError(Exception):
+    """DATABASE_URL cannot be parsed (terminal), or no connection could be made with it.
+
+    `url` is the connection string and `reason` what psycopg said, both with the password
+    replaced by ***: the original error quotes the string verbatim, and its text reaches the
+    terminal, the Prefect logs and the failed state's message.
+    """
+
+    def __init__(self, url: str, reason: str, hint: str = "") -> None:
+        self.url, self.reason, self.hint = mask_url(url, url), mask_url(reason, url), hint
+        super().__init__(f"DATABASE_URL {self.url}: {self.reason}{hint}")
+
+
+class DatabaseUnreachableError(DatabaseConnectionError, psycopg.OperationalError):
+    """The URL parsed, but connecting failed: an OperationalError, so a stage may retry it."""
+
+
+def checked_url(url: str) -> str:
+    """The connection string, parsed as libpq would; a malformed one raises with its password masked."""
+    failure: DatabaseConnectionError | None = None
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error as exc:  # raised outside this block, so the original is not its context
+        failure = DatabaseConnectionError(url, str(exc), _url_hint(url))
+    if failure is not None:
+        raise failure
+    return url
+
+
+def _url_hint(url: str) -> str:
+    scheme, separator, _ = url.partition("://")
+    if separator and "+" in scheme:
+        return f" ({scheme}:// is a SQLAlchemy URL; psycopg takes postgresql://)"
+    if not separator and "@" in url and "=" not in url.split("@", 1)[0]:
+        return " (it looks like a URL without its postgresql:// scheme)"
+    return ""
+
+
+def mask_url(text: str, url: str) -> str:
+    """`text` with every password of `url` (userinfo or password=, raw or percent-decoded) as ***."""
+    import re
+    from urllib.parse import unquote
+
+    passwords = re.findall(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)
+    scheme, separator, rest = url.partition("://")
+    userinfo = (rest if separator else url).rpartition("@")[0]
+    if ":" in userinfo:
+        passwords.append(userinfo.split(":", 1)[1])
+    candidates = {form for raw in passwords for form in (raw, unquote(raw), raw.strip("'")) if form}
+    for password in sorted(candidates, key=len, reverse=True):
+        text = text.replace(password, "***")
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 def embedded_server_url(home: Path, *, delete_on_exit: bool = False) -> str:
@@ -55,14 +110,26 @@ def connect(url: str, *, autocommit: bool = True) -> Connection:
     Autocommit by default: every unit of work that must be atomic says so with
     `conn.transaction()`, which then is always a real transaction, never a savepoint.
     """
-    conn = psycopg.connect(url, autocommit=autocommit)
+    conn = open_connection(url, autocommit=autocommit)
     register_vector(conn)
     return conn
 
 
+def open_connection(url: str, *, autocommit: bool = True) -> Connection:
+    """`psycopg.connect`, with the password masked in any error about the URL or the connection."""
+    failure: DatabaseUnreachableError | None = None
+    try:
+        return psycopg.connect(checked_url(url), autocommit=autocommit)
+    except (psycopg.ProgrammingError, psycopg.OperationalError) as exc:
+        if isinstance(exc, DatabaseConnectionError):
+            raise
+        failure = DatabaseUnreachableError(url, str(exc).strip())
+    raise failure  # outside the except block: the original, unmasked error is not its context
+
+
 def connect_migrated(url: str) -> Connection:
     """Apply pending migrations, then connect with pgvector registered."""
-    with psycopg.connect(url, autocommit=True) as bootstrap:
+    with open_connection(url, autocommit=True) as bootstrap:
         apply_migrations(bootstrap)
     return connect(url)
 

@@ -21,6 +21,8 @@ CORPORA = Path(__file__).resolve().parent / "corpora"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_CORPORA = SHARED / "corpora"
 """The full corpora beside the checkout, when present (prefect-docs is too large to ship)."""
+pytest_plugins = ["tests.fix_prefect"]  # a real `prefect server start` and its client calls
+pytest_plugins = [*globals().get("pytest_plugins", []), "tests.fix_dask"]  # a real Dask cluster
 TEMPLATE_DB = "ragingest_test_template"
 _counter = itertools.count()
 

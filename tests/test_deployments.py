@@ -8,252 +8,57 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import psycopg
+import pydantic
 import pytest
 from psycopg import sql
 
 from flows.deployments import read_deployment_specs, served_deployment, with_schedule
-from flows.params import ParameterError, checked_overrides, existing_folder, run_settings
+from flows.ingest import bulk_load, ingest
+from flows.params import (
+    SECRET_SETTINGS,
+    WORKER_ONLY_SETTINGS,
+    ParameterError,
+    SettingsOverrides,
+    checked_overrides,
+    existing_folder,
+    run_settings,
+)
 from tasks.db import Connection, connect
 from tasks.embed import EmbedItem, EmbedPolicy, HashEmbedder, Vectors, embed_items
 from tasks.stage import is_transient_database_error
+from tests.fix_prefect import (
+    BIN,
+    RUN_SECONDS,
+    PrefectServer,
+    api,
+    background,
+    call,
+    deployment,
+    everything_stored,
+    run_artifacts,
+    run_logs,
+    start_run,
+    tail,
+    wait_for_final_state,
+)
 from tests.test_ingest import PAGES, write_tree
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = CHECKOUT / "deployments" / "prefect.yaml"
-BIN = Path(sys.executable).parent
-READY_SECONDS = 120.0
-COMMAND_SECONDS = 180.0
-RUN_SECONDS = 240.0
 API_KEY = "sk-test-" + uuid.uuid4().hex  # must never reach a log line
 DEPLOYMENTS = ["nightly-ingest", "bulk-load", "backfill-model", "evaluate"]
 
 
-# --- a real Prefect server, and the commands a user would type ----------------------------
-
-
-@dataclass(frozen=True)
-class PrefectServer:
-    api_url: str
-    client_home: Path
-    """PREFECT_HOME of every client command (deploy, worker, serve), apart from the server's."""
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(
-            PREFECT_API_URL=self.api_url,
-            PREFECT_HOME=str(self.client_home),
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_LOGGING_TO_API_ENABLED="true",
-            HF_HUB_OFFLINE="1",
-        )
-        env.update(extra)
-        return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def background(
-    command: Sequence[str], env: dict[str, str], log: Path, cwd: Path = CHECKOUT
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A subprocess in its own process group, killed with all its children on exit."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            list(command), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield process
-        finally:
-            stop_group(process)
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-
-def wait_until_healthy(api_url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + READY_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"prefect server exited with {process.returncode}:\n{tail(log)}")
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"prefect server not healthy after {READY_SECONDS:.0f} s:\n{tail(log)}")
-
-
-def prefect_command(server: PrefectServer, *args: str, log: Path) -> str:
-    """A `prefect` command as the README types it; fails the test with its output."""
-    result = subprocess.run(
-        [str(BIN / "prefect"), *args],
-        cwd=CHECKOUT,
-        env=server.env(),
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_SECONDS,
-    )
-    output = result.stdout + result.stderr
-    log.write_text(output)
-    if result.returncode != 0:
-        pytest.fail(f"prefect {' '.join(args)} exited with {result.returncode}:\n{output[-3000:]}")
-    return output
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    root = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    server = PrefectServer(f"http://127.0.0.1:{port}/api", root / "client-home")
-    env = server.env(
-        PREFECT_HOME=str(root / "server-home"),
-        PREFECT_SERVER_API_HOST="127.0.0.1",
-        PREFECT_SERVER_API_PORT=str(port),
-    )
-    del env["PREFECT_API_URL"]
-    log = root / "server.log"
-    with background([str(BIN / "prefect"), "server", "start"], env, log) as process:
-        wait_until_healthy(server.api_url, process, log)
-        try:
-            yield server
-        finally:
-            drain_client_services()
-
-
-def drain_client_services() -> None:
-    """Flush and stop this process's Prefect event and log workers while the server still answers.
-
-    They are process-wide and bound to the server they first talked to; left running, they
-    would keep sending to a stopped server and hang the next module's Prefect teardown.
-    """
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    EventsWorker.drain_all(timeout=30)
-    APILogWorker.drain_all(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def deployed(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) -> PrefectServer:
-    """The README's steps: a process work pool, then every deployment of prefect.yaml."""
-    logs = tmp_path_factory.mktemp("deploy")
-    prefect_command(
-        prefect_server, "work-pool", "create", "ragingest", "--type", "process", log=logs / "pool.log"
-    )
-    prefect_command(
-        prefect_server,
-        "--no-prompt",
-        "deploy",
-        "--all",
-        "--prefect-file",
-        "deployments/prefect.yaml",
-        log=logs / "deploy.log",
-    )
-    return prefect_server
-
-
-@contextmanager
-def api(server: PrefectServer) -> Iterator[None]:
-    """Point this process's Prefect client at the test server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
-
-
-def call(server: PrefectServer, action: Any) -> Any:
-    """Run `action(client)` against the test server."""
-    from prefect.client.orchestration import get_client
-
-    async def run() -> Any:
-        async with get_client() as client:
-            return await action(client)
-
-    with api(server):
-        return asyncio.run(run())
-
-
-def deployment(server: PrefectServer, name: str) -> Any:
-    return call(server, lambda client: client.read_deployment_by_name(name))
-
-
-def start_run(server: PrefectServer, name: str, parameters: dict[str, Any]) -> uuid.UUID:
-    async def create(client: Any) -> uuid.UUID:
-        target = await client.read_deployment_by_name(name)
-        run = await client.create_flow_run_from_deployment(target.id, parameters=parameters)
-        return run.id  # type: ignore[no-any-return]
-
-    return call(server, create)  # type: ignore[no-any-return]
-
-
-def wait_for_final_state(
-    server: PrefectServer, flow_run_id: uuid.UUID, process: subprocess.Popen[bytes], log: Path
-) -> Any:
-    deadline = time.monotonic() + RUN_SECONDS
-    while time.monotonic() < deadline:
-        run = call(server, lambda client: client.read_flow_run(flow_run_id))
-        if run.state is not None and run.state.is_final():
-            return run
-        if process.poll() is not None:
-            pytest.fail(f"the runner exited with {process.returncode} before the run finished:\n{tail(log)}")
-        time.sleep(0.5)
-    pytest.fail(f"flow run {flow_run_id} not finished after {RUN_SECONDS:.0f} s:\n{tail(log)}")
-
-
-def run_artifacts(server: PrefectServer, flow_run_id: uuid.UUID) -> dict[str, Any]:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    artifacts = call(
-        server,
-        lambda client: client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        ),
-    )
-    return {artifact.key: artifact for artifact in artifacts}
-
-
-def run_logs(server: PrefectServer, flow_run_id: uuid.UUID) -> list[str]:
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    logs = call(
-        server, lambda client: client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    )
-    return [log.message for log in logs]
+# --- helpers over the server of tests/fix_prefect.py ------------------------------------------
 
 
 def table_values(artifact: Any) -> dict[str, Any]:
@@ -317,14 +122,14 @@ def test_bulk_load_cannot_choose_its_index_strategy() -> None:
 
 def test_run_settings_map_parameters_and_refuse_secrets_and_unknown_keys(tmp_path: Path) -> None:
     settings = run_settings(
-        None,
-        {"embed_concurrency": 2},
+        "environment",
+        {"embed_concurrency": 2, "requests_per_minute": None},
         include=["docs/**/*.md"],
         provider="hash",
         model="m",
         dimensions=8,
         batch_size=16,
-        chunker=None,
+        chunker="environment",
         index_strategy="drop",
     )
     assert settings.include == ("docs/**/*.md",)
@@ -332,13 +137,104 @@ def test_run_settings_map_parameters_and_refuse_secrets_and_unknown_keys(tmp_pat
     assert settings.embed_batch_inputs == 16 and settings.embed_concurrency == 2
     assert settings.index_strategy == "drop"
     assert settings.chunker == "headings"
+    assert run_settings(None, None, chunker=None, provider="hash").chunker == "headings"
 
-    with pytest.raises(ParameterError, match="openai_api_key is a secret"):
-        checked_overrides({"openai_api_key": API_KEY})
+    for secret in ("openai_api_key", "database_url"):
+        with pytest.raises(ParameterError, match=f"{secret} is set on the worker") as refused:
+            checked_overrides({secret: API_KEY})
+        assert API_KEY not in str(refused.value)
     with pytest.raises(ParameterError, match="'embed_batch' is not a setting"):
         checked_overrides({"embed_batch": 3})
     with pytest.raises(ParameterError, match="parameter 'source'"):
         existing_folder(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"openai_api_key": API_KEY},
+        {"OPENAI_API_KEY": API_KEY},
+        {"database_url": f"postgresql://u:{API_KEY}@h/db"},
+        {"DATABASE_URL": f"postgresql://u:{API_KEY}@h/db"},
+        {"openai_base_url": "http://127.0.0.1:9/v1"},
+        {"embedding_model": {"openai_api_key": API_KEY}},
+        {"embed_concurrency": {"nested": [API_KEY]}},
+        {"embed_concurrency": 0},
+        {"include": API_KEY},
+    ],
+)
+def test_settings_overrides_refuse_secrets_unknown_keys_and_nested_values(overrides: dict[str, Any]) -> None:
+    """The model is the parameter's type: what it refuses, the server refuses, and the error never
+    shows the value."""
+    with pytest.raises(pydantic.ValidationError) as refused:
+        SettingsOverrides.model_validate(overrides)
+    assert API_KEY not in str(refused.value)
+    assert not is_valid({"settings_overrides": overrides}, flow_schema(ingest))
+
+
+def test_settings_overrides_accept_null_as_missing_and_any_text() -> None:
+    text = "ünïcødé 模型 " + "x" * 200
+    overrides = SettingsOverrides.model_validate({"embedding_model": text, "requests_per_minute": None})
+    assert checked_overrides(overrides) == {"embedding_model": text}
+    assert checked_overrides(SettingsOverrides()) == checked_overrides(None) == {}
+    assert is_valid({"source": "kb", "settings_overrides": None}, flow_schema(ingest))
+    assert is_valid({"source": "kb", "settings_overrides": {}}, flow_schema(ingest))
+
+
+def test_settings_overrides_are_settings_fields_with_the_same_constraints() -> None:
+    """Every field a run may change is a Settings field, typed and bounded as Settings has it,
+    and none of them is a secret or the API endpoint."""
+    from config.settings import Settings
+
+    assert not set(SettingsOverrides.model_fields) & WORKER_ONLY_SETTINGS
+    assert SECRET_SETTINGS <= WORKER_ONLY_SETTINGS
+    settings_schema = Settings.model_json_schema(by_alias=False)["properties"]
+    overrides_schema = SettingsOverrides.model_json_schema()["properties"]
+    for name, schema in overrides_schema.items():
+        assert name in Settings.model_fields, name
+        (typed,) = [branch for branch in schema["anyOf"] if branch != {"type": "null"}]
+        expected = {k: v for k, v in settings_schema[name].items() if k not in ("title", "default")}
+        if "anyOf" in expected:  # a Settings field that is optional itself
+            (expected,) = [branch for branch in expected["anyOf"] if branch != {"type": "null"}]
+        assert typed == expected, name
+
+
+def test_every_choice_is_one_dropdown_with_its_default() -> None:
+    """A choice is a single enum with a string default (the UI draws a select); null stays valid
+    for callers that sent it before these choices had a default."""
+    from flows.backfill import backfill
+    from flows.evaluate import evaluate
+
+    choices = {
+        ingest: {"profile": "environment", "chunker": "environment", "provider": "environment"},
+        bulk_load: {"profile": "environment", "chunker": "environment", "provider": "environment"},
+        backfill: {"profile": "environment", "precision": "auto", "provider": None},
+        evaluate: {"profile": "environment"},
+    }
+    choices[ingest]["index_strategy"] = "environment"
+    for flow_object, expected in choices.items():
+        properties = flow_schema(flow_object)["properties"]
+        for name, default in expected.items():
+            schema = properties[name]
+            assert schema.get("default") == default, (flow_object.name, name)
+            enums = [branch for branch in schema.get("anyOf", [schema]) if "enum" in branch]
+            assert len(enums) == 1 and (default is None or default in enums[0]["enum"]), (
+                flow_object.name,
+                name,
+            )
+    modes = flow_schema(evaluate)["properties"]["modes"]
+    assert modes["default"] == ["vector", "lexical", "hybrid"]
+
+
+def flow_schema(flow_object: Any) -> dict[str, Any]:
+    return flow_object.parameters.model_dump_for_openapi()  # type: ignore[no-any-return]
+
+
+def is_valid(parameters: dict[str, Any], schema: dict[str, Any]) -> bool:
+    """The check the Prefect server makes before it creates a run (enforce_parameter_schema)."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    return not validate(parameters, schema, ignore_required=True)
 
 
 # --- stage retries, classified by SQLSTATE --------------------------------------------------
@@ -541,6 +437,81 @@ def test_an_invalid_parameter_is_refused_before_a_run_exists(
     assert refused.value.response.status_code == 409
     assert named in refused.value.response.text and "Validation failed" in refused.value.response.text
     assert call(deployed, lambda c: c.count_flow_runs(deployment_filter=only_bulk)) == before
+
+
+DB_PASSWORD = "pw-" + uuid.uuid4().hex
+SECRET_URL = f"postgresql://ragingest:{DB_PASSWORD}@127.0.0.1:5432/knowledge"
+REQUIRED = {
+    "ingest/nightly-ingest": {},
+    "bulk-load/bulk-load": {"source": "kb"},
+    "backfill/backfill-model": {"provider": "hash", "model": "m", "dimensions": 8},
+    "evaluate/evaluate": {"cases": "cases.jsonl"},
+}
+SECRET_PARAMETERS = [
+    {"settings_overrides": {"openai_api_key": API_KEY}},
+    {"settings_overrides": {"OPENAI_API_KEY": API_KEY}},
+    {"settings_overrides": {"database_url": SECRET_URL}},
+    {"settings_overrides": {"embed_concurrency": 2, "database_url": SECRET_URL}},
+    {"settings_overrides": {"embedding_model": {"openai_api_key": API_KEY}}},
+    {"settings_overrides": {"openai_base_url": f"http://{DB_PASSWORD}.invalid/v1"}},
+]
+
+
+def runs_of(server: PrefectServer, name: str) -> int:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    target = deployment(server, name)
+    only = DeploymentFilter(id=DeploymentFilterId(any_=[target.id]))
+    return call(server, lambda c: c.count_flow_runs(deployment_filter=only))  # type: ignore[no-any-return]
+
+
+@pytest.mark.prefect
+@pytest.mark.parametrize("name", list(REQUIRED))
+def test_a_secret_given_as_a_parameter_is_refused_and_stored_nowhere(
+    deployed: PrefectServer, name: str
+) -> None:
+    before = runs_of(deployed, name)
+    for secret in SECRET_PARAMETERS:
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            start_run(deployed, name, {**REQUIRED[name], **secret})
+        assert refused.value.response.status_code == 409, refused.value.response.text
+        assert "for field 'settings_overrides" in refused.value.response.text
+    if name == "evaluate/evaluate":
+        with pytest.raises(httpx.HTTPStatusError):
+            start_run(deployed, name, {**REQUIRED[name], "search_options": {"api_key": API_KEY}})
+
+    assert runs_of(deployed, name) == before
+    stored = everything_stored(deployed)
+    assert API_KEY not in stored and DB_PASSWORD not in stored
+
+
+@pytest.mark.prefect
+@pytest.mark.parametrize("name", list(REQUIRED))
+def test_choices_sent_as_null_or_by_name_still_create_a_run(deployed: PrefectServer, name: str) -> None:
+    """Callers written before the choices had defaults sent null; both spellings are accepted."""
+    from prefect.client.schemas.objects import StateType
+
+    choices = {
+        "ingest/nightly-ingest": ["profile", "chunker", "provider", "index_strategy"],
+        "bulk-load/bulk-load": ["profile", "chunker", "provider"],
+        "backfill/backfill-model": ["profile", "precision"],
+        "evaluate/evaluate": ["profile", "modes", "settings_overrides"],
+    }[name]
+    defaults = deployment(deployed, name).parameter_openapi_schema["properties"]
+    for value in (None, "default"):
+        parameters = {
+            **REQUIRED[name],
+            **{field: None if value is None else defaults[field]["default"] for field in choices},
+        }
+        flow_run_id = start_run(deployed, name, parameters)
+        run = call(deployed, lambda client: client.read_flow_run(flow_run_id))  # noqa: B023
+        assert {key: run.parameters[key] for key in parameters} == parameters
+        # Cancel it at once, so no worker of a later test picks it up.
+        from prefect.states import Cancelled
+
+        call(deployed, lambda client: client.set_flow_run_state(flow_run_id, Cancelled(), force=True))  # noqa: B023
+        run = call(deployed, lambda client: client.read_flow_run(flow_run_id))  # noqa: B023
+        assert run.state.type == StateType.CANCELLED
 
 
 @pytest.mark.prefect

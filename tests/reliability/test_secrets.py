@@ -179,3 +179,51 @@ def test_the_api_key_never_appears_in_logs_messages_summaries_or_the_database(
         if leaks(key, text)
     }
     assert found == {}, f"the API key leaked into {sorted(found)}"
+
+
+# --- a malformed DATABASE_URL -------------------------------------------------------------------
+
+PASSWORD = "Pw-8f3kq2Lx9"
+MALFORMED_URLS = {
+    "a SQLAlchemy driver in the scheme": f"postgresql+psycopg://ragingest:{PASSWORD}@127.0.0.1:5432/kb",
+    "no scheme": f"ragingest:{PASSWORD}@127.0.0.1:5432/kb",
+    "a space in the password": f"postgresql://ragingest:{PASSWORD} x@127.0.0.1:5432/kb",
+    "an unclosed IPv6 host": f"postgresql://ragingest:{PASSWORD}@[::1/kb",
+    "a key=value string with a bad key": f"host=127.0.0.1 password={PASSWORD} frobnicate=1",
+    "nothing listening": f"postgresql://ragingest:{PASSWORD}@127.0.0.1:1/kb?connect_timeout=2",
+}
+
+
+@pytest.mark.parametrize("form", list(MALFORMED_URLS))
+def test_a_malformed_database_url_never_prints_its_password(
+    form: str, tmp_path: Path, figures: CaseFigures
+) -> None:
+    from config.settings import load_settings
+    from tasks.db import DatabaseConnectionError, connect, connect_migrated, database_url
+
+    url = MALFORMED_URLS[form]
+    figures.bad_inputs += 1
+    seen: dict[str, str] = {}
+    attempts: dict[str, Callable[[], object]] = {
+        "database_url": lambda: connect(database_url(load_settings(database_url=url))),
+        "connect": lambda: connect(url),
+        "connect_migrated": lambda: connect_migrated(url),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(DatabaseConnectionError) as raised:
+            attempt()
+        seen[name] = exception_text(raised.value)
+        assert "***" in str(raised.value) or "password" not in url, str(raised.value)
+        assert raised.value.url is not None and PASSWORD not in raised.value.url
+
+    env = worker_env(url, f"reliability-url-{tmp_path.name}", EMBEDDING_PROVIDER="hash")
+    (tmp_path / "kb").mkdir()
+    for command in (["status"], ["ingest", str(tmp_path / "kb"), "--no-prefect"]):
+        figures.runs += 1
+        code, seen[" ".join(command)] = run_cli(command, env, tmp_path / f"{command[0]}.log")
+        assert code == 1, seen[" ".join(command)]
+        message = error_line(seen[" ".join(command)])
+        assert "DATABASE_URL" in message, message
+        figures.messages.append(message)
+    leaked = [place for place, text in seen.items() if PASSWORD in text]
+    assert leaked == [], f"the password leaked into {leaked}: {seen}"

@@ -47,7 +47,7 @@ class TerminalError(RagingestError):
 
 def is_transient(exc: BaseException) -> bool:
     """Classified by exception class, never by message text."""
-    if isinstance(exc, TransientError | TRANSIENT_DATABASE_ERRORS):
+    if isinstance(exc, (TransientError, *TRANSIENT_DATABASE_ERRORS)):
         return True
     # A connection lost mid-statement carries no SQLSTATE: the server never answered.
     return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None

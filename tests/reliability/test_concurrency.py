@@ -113,38 +113,69 @@ def test_an_ingest_that_cannot_get_the_lock_in_time_stops_with_a_clear_message(
     conn: Connection,
     monitor: Connection,
     corpus: Corpus,
+    tmp_path: Path,
+    figures: CaseFigures,
+) -> None:
+    app = f"reliability-late-{tmp_path.name}"
+    late_env = worker_env(database_url, app, **HASH_MODEL, RAGINGEST_LOCK_TIMEOUT_SECONDS="0.5")
+    with held_load_lock(database_url):  # a swap that takes longer than the late run will wait
+        with fork_cli(ingest_args(corpus), late_env, tmp_path / "late.log") as late:
+            late_code = late.wait()
+    figures.runs += 1
+    figures.faults += 1
+
+    assert late_code == 1, late.output()
+    message = error_line(late.output())
+    figures.messages.append(message)
+    assert "another ingest or backfill is loading into this database; waited 0.5 s" in message
+    assert "RAGINGEST_LOCK_TIMEOUT_SECONDS" in message
+    assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (0,)  # nothing reached the tables
+    assert conn.execute("SELECT count(*) FROM ingest_stage_chunks").fetchone() == (0,)
+
+
+def test_a_run_that_is_only_embedding_holds_no_lock(
+    database_url: str,
+    conn: Connection,
+    monitor: Connection,
+    corpus: Corpus,
     server: FakeEmbeddingsServer,
     tmp_path: Path,
     figures: CaseFigures,
 ) -> None:
-    server.latency = 0.1
+    """A slow run embedding one source never holds up the swap of another source, nor a backfill."""
+    server.latency = 0.2
     api = {
         "EMBEDDING_PROVIDER": "openai",
         "EMBEDDING_MODEL": "text-embedding-3-small",
         "EMBEDDING_DIMENSIONS": "64",
         "OPENAI_API_KEY": API_KEY,
         "OPENAI_BASE_URL": server.base_url,
-        "RAGINGEST_EMBED_BATCH_INPUTS": "10",
+        "RAGINGEST_EMBED_BATCH_INPUTS": "5",
         "RAGINGEST_EMBED_CONCURRENCY": "1",
+        "RAGINGEST_LOCK_TIMEOUT_SECONDS": "0.5",
     }
-    first_app, second_app = f"reliability-slow-{tmp_path.name}", f"reliability-late-{tmp_path.name}"
-    first = fork_cli(ingest_args(corpus), worker_env(database_url, first_app, **api), tmp_path / "slow.log")
-    with first:
-        wait_until(lambda: holds_load_lock(monitor, first_app) or not first.running, "the first run to lock")
-        assert first.running, first.output()
-        late_env = worker_env(database_url, second_app, **api, RAGINGEST_LOCK_TIMEOUT_SECONDS="0.5")
-        with fork_cli(ingest_args(corpus), late_env, tmp_path / "late.log") as second:
-            late_code = second.wait()
-        first_code = first.wait()
+    other = Corpus(tmp_path / "other", files=4, sections=2).write()
+    slow_app, quick_app = f"reliability-slow-{tmp_path.name}", f"reliability-quick-{tmp_path.name}"
+    with fork_cli(
+        ingest_args(corpus), worker_env(database_url, slow_app, **api), tmp_path / "slow.log"
+    ) as slow:
+        wait_until(lambda: server.request_count >= 3 or not slow.running, "the slow run to embed")
+        assert slow.running, slow.output()
+        quick_args = ["ingest", str(other.root), "--source-name", "other", "--no-prefect"]
+        with fork_cli(
+            quick_args, worker_env(database_url, quick_app, **api), tmp_path / "quick.log"
+        ) as quick:
+            quick_code = quick.wait()
+        assert slow.running, "the quick run must finish while the slow one is still embedding"
+        slow_code = slow.wait()
     figures.runs += 2
-    figures.faults += 1
 
-    assert late_code == 1 and first_code == 0, first.output()
-    message = error_line(second.output())
-    figures.messages.append(message)
-    assert "another ingest or backfill is loading into this database; waited 0.5 s" in message
-    assert "RAGINGEST_LOCK_TIMEOUT_SECONDS" in message
+    assert (quick_code, slow_code) == (0, 0), quick.output() + slow.output()
     check(conn, corpus, figures)
+    other_chunks = conn.execute(
+        "SELECT count(*) FROM chunks c JOIN documents d ON d.id = c.document_id WHERE d.source = 'other'"
+    ).fetchone()
+    assert other_chunks == (sum(other.expected_chunks().values()),)
 
 
 def test_an_ingest_during_a_backfill_leaves_both_columns_complete(

@@ -27,7 +27,6 @@ from tests.reliability.harness import (
     check_invariants,
     error_line,
     fork_cli,
-    holds_load_lock,
     sessions_waiting_for_a_lock,
     wait_until,
     worker_env,

@@ -265,7 +265,6 @@ class _Folder(NamedTuple):
     path: str
     """Relative path with a trailing slash, "" for the root."""
     abs_path: str
-    location: Path
 
 
 class _Candidate(NamedTuple):
@@ -273,7 +272,7 @@ class _Candidate(NamedTuple):
 
     path: str
     abs_path: str
-    location: Path
+    """The path under the root as listed, symlinks not resolved."""
     problem: str | None = None
     """Set when the walk already knows the file cannot be read."""
 
@@ -349,7 +348,7 @@ def _found_or_failure(candidate: _Candidate, max_bytes: int) -> FoundFile | File
         data = _read_limited(candidate.abs_path, max_bytes, vanished="during the walk")
     except _ReadRefused as refused:
         return FileFailure(candidate.path, refused.reason)
-    return FoundFile(candidate.path, candidate.location, len(data), sha256_bytes(data))
+    return FoundFile(candidate.path, Path(candidate.abs_path), len(data), sha256_bytes(data))
 
 
 _NAME_NOT_UTF8 = "file name is not valid UTF-8; rename the file"
@@ -366,7 +365,7 @@ class _Scan:
         self.pending: list[_Folder] = []
 
     def walk(self, root_dir: str) -> None:
-        self.pending.append(_Folder(False, "", root_dir, Path(root_dir)))
+        self.pending.append(_Folder(False, "", root_dir))
         while self.pending:
             folder = heapq.heappop(self.pending)
             if _first_visit(folder.abs_path, self.visited):
@@ -380,14 +379,13 @@ class _Scan:
                 heapq.heappush(self.pending, _subfolder(folder, entry, rel_path))
         elif self.rules.wants_file(rel_path):
             if self._follows(entry, rel_path):
-                self.candidates.append(_file_candidate(folder, entry, rel_path))
+                self.candidates.append(_file_candidate(entry, rel_path))
         elif entry.is_symlink() and _enters_dir(entry.name, rel_path, self.rules):
             # A link that does not resolve may have been a folder: report it, so that
             # nothing stored under its path is deleted.
             problem = _unreachable_reason(entry)
             if problem is not None and self._follows(entry, rel_path):
-                location = folder.location / entry.name
-                self.candidates.append(_Candidate(rel_path, entry.path, location, problem))
+                self.candidates.append(_Candidate(rel_path, entry.path, problem))
 
     def _follows(self, entry: os.DirEntry[str], rel_path: str) -> bool:
         """False for a symlink out of the source root, which is then listed as skipped."""
@@ -403,7 +401,7 @@ class _Scan:
 
 def _subfolder(parent: _Folder, entry: os.DirEntry[str], rel_path: str) -> _Folder:
     via_link = parent.via_link or entry.is_symlink()
-    return _Folder(via_link, rel_path + "/", entry.path, parent.location / entry.name)
+    return _Folder(via_link, rel_path + "/", entry.path)
 
 
 def _first_visit(abs_dir: str, visited: set[tuple[int, int]]) -> bool:
@@ -429,7 +427,7 @@ def _list_dir(folder: _Folder, candidates: list[_Candidate]) -> list[os.DirEntry
         if not isinstance(exc, FileNotFoundError):
             problem = f"cannot list folder: {_describe_os_error(exc, vanished='')}"
             path = folder.path.rstrip("/")
-            candidates.append(_Candidate(path, folder.abs_path, folder.location, problem))
+            candidates.append(_Candidate(path, folder.abs_path, problem))
         return []
 
 
@@ -446,14 +444,13 @@ def _enters_dir(name: str, rel_path: str, rules: _WalkRules) -> bool:
     return not rules.prunes_dir(rel_path)
 
 
-def _file_candidate(folder: _Folder, entry: os.DirEntry[str], rel_path: str) -> _Candidate:
-    location = folder.location / entry.name
+def _file_candidate(entry: os.DirEntry[str], rel_path: str) -> _Candidate:
     try:
         if entry.is_file():
-            return _Candidate(rel_path, entry.path, location)
+            return _Candidate(rel_path, entry.path)
     except OSError:
         pass
-    return _Candidate(rel_path, entry.path, location, _not_a_file_reason(entry))
+    return _Candidate(rel_path, entry.path, _not_a_file_reason(entry))
 
 
 def _not_a_file_reason(entry: os.DirEntry[str]) -> str:

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any, Literal
 
 from prefect import flow
 from pydantic import Field
 
-from config.settings import ProviderName, Settings
+from config.settings import ProviderName, Settings, model_key
 from flows.params import ENVIRONMENT, ModelNameText, PrecisionChoice, Profile, SettingsOverrides, run_settings
 from tasks.backfill import (
+    BackfillStats,
     activate,
     build_index,
-    check_dimensions,
+    check_existing,
     estimate,
     fill_column,
     hold_backfill_lock,
+    probe_dimensions,
     set_status,
+    validate_request,
 )
 from tasks.db import connect, connect_migrated, database_url, index_validity
 from tasks.embed import Embedder, make_embedder
-from tasks.load import vacuum_analyze
-from tasks.registry import EmbeddingModel, ModelConfigError, choose_precision, find_model, register_model
+from tasks.index import vacuum_analyze
+from tasks.registry import EmbeddingModel, find_model, register_model, slug_for
 from tasks.stage import ProgressReporter, StageRunner, run_as_task, run_plain, stage_task
 
 Precision = Literal["vector", "halfvec"]
@@ -64,20 +66,26 @@ def run_backfill(
     runner: StageRunner = run_plain,
     embedder: Embedder | None = None,
 ) -> dict[str, Any]:
-    """Add (or finish) the column of `provider/model/dimensions`; returns a summary."""
+    """Add (or finish) the column of `provider/model/dimensions`; returns a summary.
+
+    Everything that can refuse the request (its values, the provider settings, the
+    dimension probe) runs before the model is registered, so a refusal changes nothing.
+    A retired model is registered again, with a new column; its cached vectors still count.
+    """
     clock = time.perf_counter()
-    choose_precision(dimensions, precision)  # refuses an impossible precision before anything else
+    validate_request(provider, model, dimensions, precision, batch_size)
     url = database_url(settings)
     with connect_migrated(url) as conn, connect(url) as cache_conn:
         existing = find_model(conn, provider, model, dimensions)
-        if existing is not None and existing.status == "retired":
-            raise ModelConfigError(f"model {existing.slug} was retired; it cannot be backfilled again")
+        check_existing(conn, existing, precision)
         if dry_run:
-            return _dry_run_summary(conn, existing, settings, provider, model, dimensions)
+            live = existing if existing is not None and existing.status != "retired" else None
+            return _dry_run_summary(conn, live, settings, provider, model, dimensions)
         embedder = embedder or make_embedder(provider, model, dimensions, settings)
-        asyncio.run(check_dimensions(embedder))
+        name = existing.slug if existing is not None else slug_for(model, dimensions)
+        hold_backfill_lock(conn, model_key(provider, model, dimensions), name)
+        probe_dimensions(embedder, settings)
         registered = runner(register_stage, conn, settings, provider, model, dimensions, precision)
-        hold_backfill_lock(conn, registered)
         stats = runner(
             fill_stage,
             conn,
@@ -94,28 +102,39 @@ def run_backfill(
             set_status(conn, registered.slug, "ready")
         if activate_when_done:
             activate(conn, registered.slug)
-        remaining = estimate(conn, registered, 0.0).rows
-        final = find_model(conn, provider, model, dimensions)
-        assert final is not None
-        return {
-            "dry_run": False,
-            "model": _describe(final),
-            "rows": {
-                "missing_at_start": stats.rows_missing_at_start,
-                "filled": stats.rows_filled,
-                "remaining": remaining,
-            },
-            "embeddings": {
-                "cache_hits": stats.cache_hits,
-                "embedded": stats.embed.embedded,
-                "tokens": stats.embed.tokens,
-                "truncated": stats.embed.truncated,
-                "retries": stats.embed.retries,
-                "estimated_cost_usd": round(stats.embed.tokens * settings.cost_per_million_tokens / 1e6, 6),
-            },
-            "index": {"built": built, "valid": index_validity(conn).get(final.index_name) is True},
-            "seconds": {"vacuum": round(vacuum_seconds, 3), "total": round(time.perf_counter() - clock, 3)},
-        }
+        return _summary(conn, registered, stats, settings, built, vacuum_seconds, clock)
+
+
+def _summary(
+    conn: Any,
+    registered: EmbeddingModel,
+    stats: BackfillStats,
+    settings: Settings,
+    built: bool,
+    vacuum_seconds: float,
+    clock: float,
+) -> dict[str, Any]:
+    final = find_model(conn, registered.provider, registered.model, registered.dimensions)
+    assert final is not None
+    return {
+        "dry_run": False,
+        "model": _describe(final),
+        "rows": {
+            "missing_at_start": stats.rows_missing_at_start,
+            "filled": stats.rows_filled,
+            "remaining": estimate(conn, final, 0.0).rows,
+        },
+        "embeddings": {
+            "cache_hits": stats.cache_hits,
+            "embedded": stats.embed.embedded,
+            "tokens": stats.embed.tokens,
+            "truncated": stats.embed.truncated,
+            "retries": stats.embed.retries,
+            "estimated_cost_usd": round(stats.embed.tokens * settings.cost_per_million_tokens / 1e6, 6),
+        },
+        "index": {"built": built, "valid": index_validity(conn).get(final.index_name) is True},
+        "seconds": {"vacuum": round(vacuum_seconds, 3), "total": round(time.perf_counter() - clock, 3)},
+    }
 
 
 def _dry_run_summary(

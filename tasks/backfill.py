@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg import errors, sql
 
@@ -25,12 +25,21 @@ from tasks.embed import (
     EmbedPolicy,
     EmbedStats,
     RateBudget,
-    TerminalEmbeddingError,
     embed_items,
 )
 from tasks.load import RunLocked
 from tasks.records import join_embed_text, sha256_text
-from tasks.registry import EmbeddingModel, ModelConfigError, create_hnsw_index, drop_hnsw_index, get_model
+from tasks.registry import (
+    EmbeddingModel,
+    ModelConfigError,
+    Precision,
+    check_column,
+    choose_precision,
+    create_hnsw_index,
+    drop_hnsw_index,
+    get_model,
+)
+from tasks.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +74,70 @@ class _Row:
     token_count: int
 
 
-async def check_dimensions(embedder: Embedder) -> None:
-    """Embed one probe text: a model that answers with other dimensions fails before any write."""
-    vectors = await embedder.embed(["dimension probe"])
-    if vectors.shape != (1, embedder.dimensions):
-        raise TerminalEmbeddingError(
-            f"the model answers with vectors of shape {vectors.shape[1:]}, but {embedder.dimensions} "
-            "dimensions were asked for; fix --dimensions",
-            model_key=embedder.model_key,
+MAX_BATCH_SIZE = 10_000
+MAX_ID = 2**63 - 1
+"""The largest chunk id, so an open-ended range is `[lo, MAX_ID)`."""
+PROBE_TEXT = "dimension probe"
+PROVIDERS = ("openai", "sentence-transformers", "hash")
+
+T = TypeVar("T")
+
+
+def validate_request(
+    provider: str, model: str, dimensions: int, precision: Precision | None, batch_size: int
+) -> Precision:
+    """Refuse a bad backfill request before anything is registered or spent; returns the precision."""
+    if provider not in PROVIDERS:
+        raise ModelConfigError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    if not model.strip():
+        raise ModelConfigError("the model name is empty")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ModelConfigError(f"batch size {batch_size} is out of range: use 1 to {MAX_BATCH_SIZE:,} rows")
+    return choose_precision(dimensions, precision)
+
+
+def check_existing(conn: Connection, existing: EmbeddingModel | None, precision: Precision | None) -> None:
+    """A registered live model must match what is asked, and its column what the registry says."""
+    if existing is None or existing.status == "retired":
+        return
+    if precision is not None and precision != existing.precision:
+        raise ModelConfigError(
+            f"model {existing.slug} is registered with precision {existing.precision}, not {precision}; "
+            f"drop --precision, or retire {existing.slug} and backfill it again"
         )
+    check_column(conn, existing)
+
+
+def run_on_own_loop(embedder: Embedder, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` on a fresh event loop, then close the embedder's client on that same loop.
+
+    An async HTTP client cannot outlive the loop it was made on: one loop per
+    stage, one client per loop, closed before the loop is.
+    """
+
+    async def main() -> T:
+        try:
+            return await work()
+        finally:
+            await embedder.aclose()
+
+    return asyncio.run(main())
+
+
+async def check_dimensions(embedder: Embedder, settings: Settings) -> None:
+    """Embed one probe text, retried like any batch: other dimensions fail before any write."""
+    policy = EmbedPolicy.from_settings(settings, embedder)
+    probe = EmbedItem(sha256_text(PROBE_TEXT), PROBE_TEXT, count_tokens(PROBE_TEXT))
+    await embed_items(embedder, [probe], policy, _discard)
+
+
+def probe_dimensions(embedder: Embedder, settings: Settings) -> None:
+    """`check_dimensions` on its own loop, its client closed at the end."""
+    run_on_own_loop(embedder, lambda: check_dimensions(embedder, settings))
+
+
+def _discard(hashes: Sequence[bytes], vectors: Any) -> None:
+    """The probe's vector is not a chunk's: it is checked, never stored."""
 
 
 def estimate(conn: Connection, model: EmbeddingModel | None, cost_per_million: float) -> BackfillEstimate:
@@ -88,13 +152,76 @@ def estimate(conn: Connection, model: EmbeddingModel | None, cost_per_million: f
     return BackfillEstimate(rows, tokens, round(tokens * cost_per_million / 1_000_000, 6))
 
 
-def hold_backfill_lock(conn: Connection, model: EmbeddingModel) -> None:
-    """One backfill per model at a time: a second one is refused at once."""
+def hold_backfill_lock(conn: Connection, model_key: str, name: str) -> None:
+    """One backfill per model at a time: a second one is refused at once.
+
+    Keyed by the model key, so it can be taken before the model is registered.
+    Held by the session, so it goes when the connection does.
+    """
     row = conn.execute(
-        "SELECT pg_try_advisory_lock(hashtext('ragingest-backfill'), hashtext(%s))", (model.slug,)
+        "SELECT pg_try_advisory_lock(hashtext('ragingest-backfill'), hashtext(%s))", (model_key,)
     ).fetchone()
     if not row or not row[0]:
-        raise BackfillError(f"a backfill of {model.slug} is already running")
+        raise BackfillError(f"a backfill of {name} is already running")
+
+
+@dataclass(frozen=True, slots=True)
+class IdRange:
+    """Chunk ids `lo <= id < hi`, holding `rows` NULLs of the column when planned."""
+
+    lo: int
+    hi: int
+    rows: int
+
+
+def plan_id_ranges(conn: Connection, model: EmbeddingModel, n: int) -> list[IdRange]:
+    """Split the column's NULL rows into at most `n` id ranges of about equal row counts.
+
+    The ranges are contiguous, from the first NULL id to past the last, so each can
+    be filled on its own (`fill_range`), in any order or at once. Rows added later
+    lie past the last range: plan again until nothing is left.
+    """
+    if n < 1:
+        raise ValueError(f"cannot split into {n} ranges")
+    bounds = conn.execute(
+        sql.SQL(
+            "SELECT min(id), max(id), count(*) FROM (SELECT id, ntile(%s) OVER (ORDER BY id) AS part"
+            " FROM chunks WHERE {} IS NULL) AS parts GROUP BY part ORDER BY part"
+        ).format(sql.Identifier(model.column_name)),
+        (n,),
+    ).fetchall()
+    return contiguous_ranges([(int(lo), int(hi), int(rows)) for lo, hi, rows in bounds])
+
+
+def contiguous_ranges(parts: Sequence[tuple[int, int, int]]) -> list[IdRange]:
+    """`(first id, last id, rows)` of consecutive parts as half-open ranges with no gap between."""
+    return [
+        IdRange(first, parts[i + 1][0] if i + 1 < len(parts) else last + 1, rows)
+        for i, (first, last, rows) in enumerate(parts)
+    ]
+
+
+@dataclass(slots=True)
+class _FillJob:
+    """What every batch of one fill needs; made and used on one event loop."""
+
+    conn: Connection
+    cache_conn: Connection
+    model: EmbeddingModel
+    embedder: Embedder
+    settings: Settings
+    batch_size: int
+    stats: BackfillStats
+    progress: Progress | None
+    budget: RateBudget = field(init=False)
+    policy: EmbedPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = EmbedPolicy.from_settings(self.settings, self.embedder)
+        self.budget = RateBudget(self.settings.requests_per_minute, self.settings.tokens_per_minute)
+
+    def write(self, hashes: Sequence[bytes], vectors: Any) -> None:
+        write_vectors(self.cache_conn, self.model.model_key, hashes, vectors)
 
 
 def fill_column(
@@ -107,33 +234,80 @@ def fill_column(
     batch_size: int,
     progress: Progress | None = None,
 ) -> BackfillStats:
-    """Fill every NULL of the model's column; loops until none is left (ingests may add rows)."""
+    """Fill every NULL of the model's column; loops until none is left (ingests may add rows).
+
+    The whole fill runs on one event loop, with one API client and one rate budget.
+    """
     stats = BackfillStats(rows_missing_at_start=estimate(conn, model, 0.0).rows)
-    policy = EmbedPolicy.from_settings(settings, embedder)
-    budget = RateBudget(settings.requests_per_minute, settings.tokens_per_minute)
-    total = max(stats.rows_missing_at_start, 1)
+    job = _FillJob(conn, cache_conn, model, embedder, settings, batch_size, stats, progress)
+    return run_on_own_loop(embedder, lambda: _fill_until_complete(job))
+
+
+def fill_range(
+    conn: Connection,
+    cache_conn: Connection,
+    model: EmbeddingModel,
+    embedder: Embedder,
+    settings: Settings,
+    lo: int,
+    hi: int,
+    *,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> BackfillStats:
+    """Fill the NULLs with `lo <= id < hi` in one pass, each batch committed on its own.
+
+    A unit of work for one task: its own event loop, client and rate budget, and
+    the same load lock per batch as `fill_column`, so ranges may run side by side.
+    """
+    stats = BackfillStats(rows_missing_at_start=_missing_between(conn, model, lo, hi))
+    job = _FillJob(conn, cache_conn, model, embedder, settings, batch_size, stats, progress)
+
+    async def one_pass() -> BackfillStats:
+        await _fill_pass(job, lo, hi)
+        return stats
+
+    return run_on_own_loop(embedder, one_pass)
+
+
+async def _fill_until_complete(job: _FillJob) -> BackfillStats:
     while True:
-        after_id, filled_this_pass = 0, 0
-        while rows := _next_batch(conn, model, after_id, batch_size):
-            filled_this_pass += _fill_batch(
-                conn, cache_conn, model, embedder, rows, policy, budget, stats, settings
-            )
-            after_id = rows[-1].id
-            if progress is not None:
-                progress(min(stats.rows_filled, total), total)
-        if filled_this_pass == 0 and estimate(conn, model, 0.0).rows == 0:
-            return stats
-        if filled_this_pass == 0:
-            raise BackfillError(f"rows of {model.column_name} stay NULL after a full pass; see the log")
+        filled = await _fill_pass(job, 0, MAX_ID)
+        if filled == 0 and estimate(job.conn, job.model, 0.0).rows == 0:
+            return job.stats
+        if filled == 0:
+            raise BackfillError(f"rows of {job.model.column_name} stay NULL after a full pass; see the log")
 
 
-def _next_batch(conn: Connection, model: EmbeddingModel, after_id: int, limit: int) -> list[_Row]:
+async def _fill_pass(job: _FillJob, lo: int, hi: int) -> int:
+    """One keyset pass over `lo <= id < hi`; the blocking database work runs between awaits."""
+    after_id, filled = lo - 1, 0
+    total = max(job.stats.rows_missing_at_start, 1)
+    while rows := _next_batch(job.conn, job.model, after_id, hi, job.batch_size):
+        filled += await _fill_batch(job, rows)
+        after_id = rows[-1].id
+        if job.progress is not None:
+            job.progress(min(job.stats.rows_filled, total), total)
+    return filled
+
+
+def _missing_between(conn: Connection, model: EmbeddingModel, lo: int, hi: int) -> int:
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM chunks WHERE {} IS NULL AND id >= %s AND id < %s").format(
+            sql.Identifier(model.column_name)
+        ),
+        (lo, hi),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _next_batch(conn: Connection, model: EmbeddingModel, after_id: int, hi: int, limit: int) -> list[_Row]:
     rows = conn.execute(
         sql.SQL(
             "SELECT id, embed_hash, metadata ->> 'embed_header', content, token_count FROM chunks"
-            " WHERE {} IS NULL AND id > %s ORDER BY id LIMIT %s"
+            " WHERE {} IS NULL AND id > %s AND id < %s ORDER BY id LIMIT %s"
         ).format(sql.Identifier(model.column_name)),
-        (after_id, limit),
+        (after_id, hi, limit),
     ).fetchall()
     batch = []
     for chunk_id, digest, header, content, tokens in rows:
@@ -147,30 +321,19 @@ def _next_batch(conn: Connection, model: EmbeddingModel, after_id: int, limit: i
     return batch
 
 
-def _fill_batch(
-    conn: Connection,
-    cache_conn: Connection,
-    model: EmbeddingModel,
-    embedder: Embedder,
-    rows: Sequence[_Row],
-    policy: EmbedPolicy,
-    budget: RateBudget,
-    stats: BackfillStats,
-    settings: Settings,
-) -> int:
+async def _fill_batch(job: _FillJob, rows: Sequence[_Row]) -> int:
     unique = {row.embed_hash: EmbedItem(row.embed_hash, row.embed_text, row.token_count) for row in rows}
-    hits = cached_hashes(cache_conn, model.model_key, list(unique))
-    stats.cache_hits += len(hits)
+    hits = cached_hashes(job.cache_conn, job.model.model_key, list(unique))
+    job.stats.cache_hits += len(hits)
     misses = [item for digest, item in unique.items() if digest not in hits]
     if misses:
-
-        def write(hashes: Sequence[bytes], vectors: Any) -> None:
-            write_vectors(cache_conn, model.model_key, hashes, vectors)
-
-        asyncio.run(embed_items(embedder, misses, policy, write, stats=stats.embed, budget=budget))
-    filled = _update_from_cache(conn, model, [row.id for row in rows], settings.lock_timeout_seconds)
-    stats.rows_filled += filled
-    stats.batches += 1
+        await embed_items(
+            job.embedder, misses, job.policy, job.write, stats=job.stats.embed, budget=job.budget
+        )
+    ids = [row.id for row in rows]
+    filled = _update_from_cache(job.conn, job.model, ids, job.settings.lock_timeout_seconds)
+    job.stats.rows_filled += filled
+    job.stats.batches += 1
     return filled
 
 

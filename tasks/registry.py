@@ -85,6 +85,10 @@ def hnsw_index_name(column_name: str) -> str:
 
 def choose_precision(dimensions: int, requested: Precision | None = None) -> Precision:
     """`vector` up to 2,000 dimensions; `halfvec` above, because HNSW needs it there."""
+    if requested is not None and requested not in _PRECISION_TYPES:
+        raise ModelConfigError(f"unknown precision {requested!r}: use vector or halfvec")
+    if dimensions < 1:
+        raise ModelConfigError(f"{dimensions} dimensions: a model has at least 1")
     if dimensions > HNSW_MAX_HALFVEC_DIMS:
         raise ModelConfigError(
             f"{dimensions} dimensions is over the {HNSW_MAX_HALFVEC_DIMS} "
@@ -141,26 +145,102 @@ def register_model(
     hnsw_ef_construction: int = 64,
     slug: str | None = None,
 ) -> EmbeddingModel:
-    """Add the model and its column (idempotent). The caller owns the transaction."""
-    existing = find_model(conn, provider, model, dimensions)
-    if existing is not None:
-        return existing
-    slug = validate_slug(slug) if slug is not None else slug_for(model, dimensions)
+    """Add the model and its column (idempotent); a retired one is registered afresh.
+
+    A live model whose column has gone missing gets it back, empty. The caller
+    owns the transaction.
+    """
     chosen = choose_precision(dimensions, precision)
-    column = f"emb_{slug}"
+    existing = find_model(conn, provider, model, dimensions)
+    if existing is not None and existing.status == "retired":
+        return _register_again(conn, existing, status, chosen, hnsw_m, hnsw_ef_construction)
+    if existing is not None:
+        if column_type(conn, existing.column_name) is None:
+            _add_column(conn, existing)
+        return existing
+    slug = validate_slug(slug) if slug is not None else free_slug(conn, model, dimensions)
     conn.execute(
         "INSERT INTO embedding_models (slug, provider, model, dimensions, column_name, precision,"
         " hnsw_m, hnsw_ef_construction, status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (slug, provider, model, dimensions, column, chosen, hnsw_m, hnsw_ef_construction, status),
+        (slug, provider, model, dimensions, f"emb_{slug}", chosen, hnsw_m, hnsw_ef_construction, status),
     )
     registered = get_model(conn, slug)
     assert registered is not None
+    _add_column(conn, registered)
+    return registered
+
+
+def _register_again(
+    conn: Connection, retired: EmbeddingModel, status: ModelStatus, precision: Precision, m: int, ef: int
+) -> EmbeddingModel:
+    """A retired model back under its own slug, with a new, empty column (a leftover one is dropped)."""
+    drop_hnsw_index(conn, retired)
+    conn.execute(
+        sql.SQL("ALTER TABLE chunks DROP COLUMN IF EXISTS {}").format(sql.Identifier(retired.column_name))
+    )
+    conn.execute(
+        "UPDATE embedding_models SET status = %s, precision = %s, hnsw_m = %s, hnsw_ef_construction = %s,"
+        " updated_at = now() WHERE slug = %s",
+        (status, precision, m, ef, retired.slug),
+    )
+    registered = get_model(conn, retired.slug)
+    assert registered is not None
+    _add_column(conn, registered)
+    return registered
+
+
+def _add_column(conn: Connection, model: EmbeddingModel) -> None:
     conn.execute(
         sql.SQL("ALTER TABLE chunks ADD COLUMN IF NOT EXISTS {} {}").format(
-            sql.Identifier(column), registered.column_type
+            sql.Identifier(model.column_name), model.column_type
         )
     )
-    return registered
+
+
+def free_slug(conn: Connection, model: str, dimensions: int) -> str:
+    """`slug_for(model, dimensions)`, or with `_2`, `_3`… when another model or a stray column has it.
+
+    Two names can make one slug (`Org/Model` and `model`), and a column left
+    without a registry row holds vectors nobody vouches for: neither is reused.
+    """
+    base = slug_for(model, dimensions)
+    taken = {row[0] for row in conn.execute("SELECT slug FROM embedding_models")}
+    taken |= {name.removeprefix("emb_") for name in chunk_columns(conn) if name.startswith("emb_")}
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        suffix = f"_{n}"
+        candidate = validate_slug(base[: 44 - len(suffix)].rstrip("_") + suffix)
+    return candidate
+
+
+def chunk_columns(conn: Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'chunks'::regclass AND attnum > 0"
+        " AND NOT attisdropped"
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def column_type(conn: Connection, column_name: str) -> str | None:
+    """The column's SQL type as Postgres prints it (`vector(384)`), or None when it does not exist."""
+    row = conn.execute(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'chunks'::regclass"
+        " AND attname = %s AND attnum > 0 AND NOT attisdropped",
+        (column_name,),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def check_column(conn: Connection, model: EmbeddingModel) -> None:
+    """Refuse a model whose column holds another type than the registry says (a missing one is fine)."""
+    found = column_type(conn, model.column_name)
+    expected = f"{model.precision}({model.dimensions})"
+    if found is not None and found != expected:
+        raise ModelConfigError(
+            f"column chunks.{model.column_name} is {found}, but the registry says {model.slug} is "
+            f"{expected}; retire {model.slug} and backfill it again"
+        )
 
 
 def ensure_ingest_model(conn: Connection, settings: Settings) -> list[EmbeddingModel]:

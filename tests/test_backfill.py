@@ -26,7 +26,7 @@ from tests.embedders import CountingEmbedder
 from tests.fake_openai import FakeEmbeddingsServer, Fault
 from tests.test_ingest import PAGES, write_tree
 
-NEW = {"provider": "hash", "model": "test", "dimensions": 128}
+NEW: dict[str, Any] = {"provider": "hash", "model": "test", "dimensions": 128}
 
 
 def coverage(conn: Connection) -> dict[str, dict[str, Any]]:

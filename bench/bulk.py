@@ -57,7 +57,7 @@ from config.settings import Settings
 from flows.ingest import run_ingest
 from tasks.cache import write_vectors
 from tasks.db import connect
-from tasks.load import choose_index_plan
+from tasks.index import choose_index_plan
 from tasks.registry import create_hnsw_index, ensure_ingest_model, live_models
 
 DIMS = 384

@@ -249,7 +249,7 @@ class Rows:
         return [chunk.content for _, chunks in self.docs for chunk in chunks]
 
     def metadatas(self) -> list[dict[str, object]]:
-        from tasks.load import chunk_metadata
+        from tasks.staging import chunk_metadata
 
         return [chunk_metadata(doc, chunk) for doc, chunks in self.docs for chunk in chunks]
 
@@ -257,7 +257,7 @@ class Rows:
 def make_rows(docs: list[tuple[Any, list[Any]]], vectors: Any) -> Rows:
     from psycopg.types.json import Jsonb
 
-    from tasks.load import chunk_metadata
+    from tasks.staging import chunk_metadata
 
     hashes = [chunk.embed_hash for _, chunks in docs for chunk in chunks]
     doc_rows: list[tuple[object, ...]] = []

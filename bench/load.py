@@ -11,7 +11,7 @@ key and GIN index (no HNSW index anywhere: index builds are bench/bulk.py's).
 - executemany x200: INSERTs in batches of 200 rows, one transaction.
 - ours, warm cache: what a run does once the vectors are in `embedding_cache`:
   binary COPY of the documents and chunk rows (no vectors) into the session's
-  staging tables, in `prepare`'s steps, then `load_staged` (upsert documents,
+  staging tables, in `prepare`'s steps, then `load_rows` (upsert documents,
   insert chunks joined with their cached vectors on the server), one transaction.
 - ours, incl. cache write: the same, plus writing every vector to
   `embedding_cache` as the embed stage does (one committed binary COPY per
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,8 +56,9 @@ from common import (
 from config.settings import Settings
 from tasks.cache import write_vectors
 from tasks.db import Connection, connect
-from tasks.load import LoadResult, create_staging, load_staged, stage_documents
+from tasks.load import LoadRequest, LoadResult, load_rows
 from tasks.registry import EmbeddingModel, ensure_ingest_model
+from tasks.staging import StagingTarget, stage_documents
 
 
 def prepare_database(admin: str, dims: int) -> tuple[str, Settings, EmbeddingModel]:
@@ -79,23 +81,21 @@ def write_cache(conn: Connection, rows: Rows, model: EmbeddingModel, batch: int)
 def stage_and_load(conn: Connection, rows: Rows, model: EmbeddingModel, step_chunks: int) -> float:
     """Staging COPY in `prepare`'s steps, then the load transaction. Returns the staging seconds."""
     started = time.perf_counter()
-    create_staging(conn)
+    target = StagingTarget(uuid.uuid4(), 0, "bench", {})
     step: list[tuple[object, list[object]]] = []
     in_step = 0
     for doc, chunks in rows.docs:
         step.append((doc, chunks))
         in_step += len(chunks)
         if in_step >= step_chunks:
-            stage_documents(conn, step)  # type: ignore[arg-type]
+            stage_documents(conn, target, step)  # type: ignore[arg-type]
             step, in_step = [], 0
     if step:
-        stage_documents(conn, step)  # type: ignore[arg-type]
+        stage_documents(conn, target, step)  # type: ignore[arg-type]
     staged = time.perf_counter() - started
     result = LoadResult()
     with conn.transaction():
-        load_staged(
-            conn, source=BENCH_SOURCE, models=[model], deleted_paths=[], stale_paths=[], result=result
-        )
+        load_rows(conn, LoadRequest(target.run_key, BENCH_SOURCE, [model], [], []), result)
     if result.chunks_written != rows.count:
         raise RuntimeError(f"loaded {result.chunks_written} of {rows.count} rows")
     return staged

@@ -28,6 +28,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -265,11 +266,20 @@ def run_ours(admin: str, rows: Any, dims: int) -> tuple[float, float]:
 
     from tasks.cache import write_vectors
     from tasks.db import connect
-    from tasks.load import IndexPlan, create_staging, stage_documents, swap_in, vacuum_analyze
+    from tasks.index import vacuum_analyze
+    from tasks.load import LoadRequest, swap_in
     from tasks.registry import ensure_ingest_model
+    from tasks.staging import StagingTarget, stage_documents
 
     url = create_database(admin, "bench_ours")
-    settings = bench_settings(url, dims)
+    settings = bench_settings(url, dims).model_copy(
+        update={
+            "index_strategy": "drop",
+            "maintenance_work_mem": INDEX_MEMORY,
+            "max_parallel_maintenance_workers": INDEX_WORKERS,
+        }
+    )
+    target = StagingTarget(uuid.uuid4(), 0, "bench", {})
     try:
         with connect(url) as conn:
             models = ensure_ingest_model(conn, settings)
@@ -279,19 +289,9 @@ def run_ours(admin: str, rows: Any, dims: int) -> tuple[float, float]:
                 write_vectors(
                     conn, key, rows.hashes[start : start + batch], rows.vectors[start : start + batch]
                 )
-            create_staging(conn)
             for start in range(0, len(rows.docs), 400):  # 400 pages = 4,000 chunks, a `prepare` step
-                stage_documents(conn, rows.docs[start : start + 400])
-            result = swap_in(
-                conn,
-                source=BENCH_SOURCE,
-                models=models,
-                deleted_paths=[],
-                stale_paths=[],
-                index_plan=IndexPlan("drop", True, "bench"),
-                maintenance_work_mem=INDEX_MEMORY,
-                parallel_workers=INDEX_WORKERS,
-            )
+                stage_documents(conn, target, rows.docs[start : start + 400])
+            result = swap_in(conn, LoadRequest(target.run_key, BENCH_SOURCE, models, [], []), settings)
             vacuum_analyze(conn)
             total = time.perf_counter() - started
             assert result.chunks_written == rows.count and result.indexes_built == 1

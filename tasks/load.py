@@ -133,7 +133,7 @@ def swap_in(conn: Connection, request: LoadRequest, settings: Settings) -> LoadR
         )
         if result.index_plan.drop:
             result.indexes_dropped = drop_indexes(conn, indexed)
-        _load_rows(conn, request, result)
+        load_rows(conn, request, result)
         result.load_seconds = time.perf_counter() - started
         started = time.perf_counter()
         result.indexes_built = ensure_indexes(
@@ -144,7 +144,7 @@ def swap_in(conn: Connection, request: LoadRequest, settings: Settings) -> LoadR
     return result
 
 
-def _load_rows(conn: Connection, request: LoadRequest, result: LoadResult) -> None:
+def load_rows(conn: Connection, request: LoadRequest, result: LoadResult) -> None:
     """The rows part of the swap; runs inside the caller's transaction, then drops the staging."""
     run_key, source = request.run_key, request.source
     _upsert_documents(conn, run_key, source)

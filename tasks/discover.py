@@ -3,8 +3,8 @@
 `walk_source` lists and hashes the files (the cheap pass every nightly run
 makes); `parse_document` and `read_document` turn one file into a
 `ParsedDocument`. Per-file problems never raise out of the walk: they come out
-as `FileFailure` values, and the run goes on without those files. `source_identity` gives the
-name a source's documents are stored under.
+as `FileFailure` values, and the run goes on without those files.
+`source_identity` gives the name a source's documents are stored under.
 
 Walk rules:
 - Globs are bash globs with globstar (matched by wcmatch), relative POSIX

@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     """Chunks prepared per step; bounds memory on large corpora."""
     shard_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
     """Bytes of new and changed files per shard: the unit of work a runner schedules and retries."""
+    workers: int = Field(default=0, ge=0, le=256)
+    """Prepare the shards on a local Dask cluster of this many processes, one thread each
+    (RAGINGEST_WORKERS). 0: in this process."""
+    dask_address: str | None = Field(default=None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$")
+    """Prepare the shards on an existing Dask cluster, e.g. tcp://host:8786
+    (RAGINGEST_DASK_ADDRESS). Its workers need the project, a DATABASE_URL and (with Prefect)
+    a PREFECT_API_URL they can reach."""
 
     # --- loading and indexing ----------------------------------------------
     index_strategy: IndexStrategy = "auto"

@@ -35,6 +35,7 @@ from tasks.prepare import PrepareStats, Shard, chunk_spec, plan_shards, prepare_
 from tasks.registry import EmbeddingModel
 from tasks.report import RunSummary, StageClock, Summary, publish_artifacts, record_summary
 from tasks.run import Run, ingest_models, open_run
+from tasks.runners import ClusterAddress, Workers, execution_of, shard_runner_for
 from tasks.stage import RunProgress, StageRunner, run_as_task, run_plain, stage_task
 
 EmbedderFactory = Callable[[EmbeddingModel, Settings], Embedder]
@@ -110,6 +111,7 @@ def run_ingest(
             loaded,
             clock.seconds(prepared, loaded),
             settings.cost_per_million_tokens,
+            execution=execution_of(shard_runner),
         )
         summary.run_id = runner(report_stage, run.pool, summary, started_at)
     publish_artifacts(summary.to_dict())
@@ -172,6 +174,8 @@ def ingest(
     batch_size: BatchSize = None,
     index_strategy: IndexStrategyChoice = ENVIRONMENT,
     settings_overrides: SettingsOverrides | None = None,
+    workers: Workers = None,
+    cluster: ClusterAddress = None,
 ) -> Summary:
     """Sync a folder of Markdown into Postgres + pgvector, embedding only what changed.
 
@@ -189,6 +193,8 @@ def ingest(
         batch_size: Most texts per embedding request. Empty: RAGINGEST_EMBED_BATCH_INPUTS.
         index_strategy: auto, drop (drop HNSW, load, rebuild) or keep. environment: RAGINGEST_INDEX_STRATEGY.
         settings_overrides: Advanced: other settings by field name. Secrets and unknown keys are refused.
+        workers: Prepare on a local Dask cluster of this many processes. Empty: RAGINGEST_WORKERS (0: here).
+        cluster: Prepare on the Dask cluster at this address (tcp://host:8786). Empty: RAGINGEST_DASK_ADDRESS.
     """
     return _sync_from_flow(
         source,
@@ -204,6 +210,8 @@ def ingest(
         dimensions=dimensions,
         batch_size=batch_size,
         index_strategy=index_strategy,
+        workers=workers,
+        cluster=cluster,
     )
 
 
@@ -221,6 +229,8 @@ def bulk_load(
     dimensions: Dimensions = None,
     batch_size: BatchSize = None,
     settings_overrides: SettingsOverrides | None = None,
+    workers: Workers = None,
+    cluster: ClusterAddress = None,
 ) -> Summary:
     """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE.
 
@@ -240,6 +250,8 @@ def bulk_load(
         dimensions: Vector dimensions of the model. Empty: EMBEDDING_DIMENSIONS.
         batch_size: Most texts per embedding request. Empty: RAGINGEST_EMBED_BATCH_INPUTS.
         settings_overrides: Advanced: other settings by field name. Secrets and unknown keys are refused.
+        workers: Prepare on a local Dask cluster of this many processes. Empty: RAGINGEST_WORKERS (0: here).
+        cluster: Prepare on the Dask cluster at this address (tcp://host:8786). Empty: RAGINGEST_DASK_ADDRESS.
     """
     return _sync_from_flow(
         source,
@@ -255,6 +267,8 @@ def bulk_load(
         dimensions=dimensions,
         batch_size=batch_size,
         index_strategy="drop",
+        workers=workers,
+        cluster=cluster,
     )
 
 
@@ -270,5 +284,10 @@ def _sync_from_flow(
     folder = existing_folder(source)
     settings = run_settings(profile, settings_overrides, **choices)
     return run_ingest(
-        settings, folder, source_name=source_name, full_refresh=full_refresh, runner=run_as_task
+        settings,
+        folder,
+        source_name=source_name,
+        full_refresh=full_refresh,
+        runner=run_as_task,
+        shard_runner=shard_runner_for(settings, prepare_stage, prefect=True) or shards_in_order,
     )

@@ -21,6 +21,8 @@ class ChangePlan:
     deleted: list[str] = field(default_factory=list)
     """Paths stored for this source whose files are gone."""
     failed: list[FileFailure] = field(default_factory=list)
+    skipped: list[FileFailure] = field(default_factory=list)
+    """Links out of the source root that the walk did not follow, with the reason."""
 
     stored: dict[str, bytes] = field(default_factory=dict)
     """path -> content hash stored when the plan was made (re-checked inside the load lock)."""
@@ -50,7 +52,11 @@ def discover_changes(
 ) -> ChangePlan:
     """Walk the source and sort its files against what is stored (the discover stage)."""
     found = walk_source(
-        root, include=settings.include, exclude=settings.exclude, max_bytes=settings.max_file_bytes
+        root,
+        include=settings.include,
+        exclude=settings.exclude,
+        max_bytes=settings.max_file_bytes,
+        follow_external_links=settings.follow_external_links,
     )
     with connections.connection() as conn:
         stored = stored_hashes(conn, source)
@@ -59,6 +65,7 @@ def discover_changes(
         found, stored, full_refresh=full_refresh, chunk_config=chunk_config, stored_configs=configs
     )
     plan.stored = stored
+    plan.skipped = list(found.skipped)
     return plan
 
 

@@ -154,3 +154,23 @@ def test_a_file_replaced_by_a_folder_between_runs(settings: Any, tmp_path: Path,
 
     assert summary["documents"]["deleted"] == 1 and summary["documents"]["new"] == 1
     assert {path for _, path in stored(conn)} == {"other.md", "topic.md/inner.md"}
+
+
+def test_links_out_of_the_source_are_listed_as_skipped_and_followed_when_asked(
+    settings: Any, database_url: str, tmp_path: Path, conn: Connection
+) -> None:
+    from tests.conftest import make_settings
+
+    root = write_pages(tmp_path / "kb", "index.md")
+    outside = write_pages(tmp_path / "outside", "secret.md", "shared/guide.md")
+    (root / "passwd.md").symlink_to(outside / "secret.md")
+    (root / "shared").symlink_to(outside / "shared", target_is_directory=True)
+
+    summary = ingest(settings, root)
+    skipped = {entry["path"]: entry["reason"] for entry in summary["skipped"]}
+    assert set(skipped) == {"passwd.md", "shared"}
+    assert all("outside the source root" in reason for reason in skipped.values())
+
+    following = make_settings(database_url, follow_external_links=True)
+    assert ingest(following, root)["skipped"] == []
+    assert {path for _, path in stored(conn)} == {"index.md", "passwd.md", "shared/guide.md"}

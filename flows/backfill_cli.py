@@ -80,10 +80,10 @@ def _format_backfill(summary: dict[str, Any]) -> str:
 
 
 def list_models_command(args: argparse.Namespace, settings: Settings) -> int:
-    from tasks.db import open_database
+    from tasks.db import open_current_database
     from tasks.status import model_coverage
 
-    with open_database(settings) as conn:
+    with open_current_database(settings) as conn:
         models = model_coverage(conn)
     if args.json:
         print(json.dumps(models, sort_keys=True))
@@ -103,9 +103,9 @@ def list_models_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def activate_command(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.backfill import activate
-    from tasks.db import open_database
+    from tasks.db import open_current_database
 
-    with open_database(settings) as conn:
+    with open_current_database(settings, read_only=False) as conn:
         model = activate(conn, args.slug, force=args.force)
     print(f"{model.slug} is now the primary model")
     return 0
@@ -113,14 +113,14 @@ def activate_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def retire_command(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.backfill import retire
-    from tasks.db import open_database
+    from tasks.db import open_current_database
 
     if not args.yes:
         print(
             f"retiring {args.slug} drops its column and every vector in it; run again with --yes to confirm"
         )
         return 2
-    with open_database(settings) as conn:
+    with open_current_database(settings, read_only=False) as conn:
         model = retire(conn, args.slug)
     print(f"{model.slug} is retired: column {model.column_name} and its index are dropped")
     return 0

@@ -25,7 +25,7 @@ from flows.params import (
     Tolerance,
     run_settings,
 )
-from tasks.db import Connection, open_database
+from tasks.db import Connection, open_current_database
 from tasks.embed import Embedder, Vectors, make_embedder
 from tasks.evaluate import (
     GATE_TOLERANCE,
@@ -106,7 +106,7 @@ def run_evaluation(
     options = options_from_settings(settings, k=k, **search_overrides)
     cases = runner(load_cases_stage, cases_path)
     summaries: list[EvalSummary] = []
-    with open_database(settings) as conn:
+    with open_current_database(settings) as conn:
         stats = corpus_stats(conn)
         resolved = _resolve_models(conn, models) if set(modes) - {"lexical"} else []
         for model in resolved:

@@ -89,12 +89,12 @@ def _knobs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _search(args: argparse.Namespace, settings: Settings) -> int:
-    from tasks.db import open_database
+    from tasks.db import open_current_database
     from tasks.search import SearchFilters, SearchResult, format_hits, options_from_settings, parse_where
 
     options = options_from_settings(settings, mode=args.mode, k=args.k, **_knobs(args))
     filters = SearchFilters(namespace=args.namespace, where=parse_where(args.where))
-    with open_database(settings) as conn:
+    with open_current_database(settings) as conn:
         slug, hits = run_search(conn, settings, args.query, options, filters, args.model)
     result = SearchResult(args.query, options, filters, slug, hits)
     print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else format_hits(result))

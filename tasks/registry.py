@@ -18,6 +18,7 @@ ModelStatus = Literal["backfilling", "ready", "active", "retired"]
 SLUG_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,43}$")
 HNSW_MAX_VECTOR_DIMS = 2000  # pgvector's HNSW limit for `vector`
 HNSW_MAX_HALFVEC_DIMS = 4000  # …and for `halfvec`
+REGISTRY_LOCK = 7_406_003  # advisory lock key held by a registration until its transaction ends
 
 
 class InvalidIdentifier(ValueError):
@@ -148,9 +149,11 @@ def register_model(
     """Add the model and its column (idempotent); a retired one is registered afresh.
 
     A live model whose column has gone missing gets it back, empty. The caller
-    owns the transaction.
+    owns the transaction; registrations queue behind each other until it ends, so
+    two of them never choose the same slug.
     """
     chosen = choose_precision(dimensions, precision)
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTRY_LOCK,))  # one registration at a time
     existing = find_model(conn, provider, model, dimensions)
     if existing is not None and existing.status == "retired":
         return _register_again(conn, existing, status, chosen, hnsw_m, hnsw_ef_construction)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +13,9 @@ from flows.backfill import run_backfill
 from flows.cli import main
 from flows.ingest import run_ingest
 from tasks.backfill import retire
-from tasks.db import Connection, index_validity
+from tasks.db import Connection, connect, index_validity
 from tasks.embed import EmbeddingError, HashEmbedder
-from tasks.registry import ModelConfigError, get_model
+from tasks.registry import ModelConfigError, get_model, register_model
 from tests.conftest import make_settings
 from tests.embedders import CountingEmbedder
 from tests.fake_openai import FakeEmbeddingsServer, Fault
@@ -185,3 +187,35 @@ def test_another_precision_for_a_registered_model_is_refused(loaded: Any, conn: 
         run_backfill(loaded, **NEW, precision="halfvec")
     model = get_model(conn, "test_128")
     assert model is not None and model.precision == "vector"
+
+
+def test_two_registrations_at_once_never_choose_the_same_slug(
+    loaded: Any, conn: Connection, database_url: str
+) -> None:
+    results: list[str] = []
+
+    def register_second() -> None:
+        with connect(database_url) as other, other.transaction():
+            results.append(
+                register_model(other, provider="hash", model="TEST", dimensions=64, status="ready").slug
+            )
+
+    with connect(database_url) as first:
+        with first.transaction():
+            results.append(
+                register_model(first, provider="hash", model="Test", dimensions=64, status="ready").slug
+            )
+            worker = threading.Thread(target=register_second)
+            worker.start()
+            deadline = time.monotonic() + 30
+            while not waiting_for_an_advisory_lock(conn) and time.monotonic() < deadline:
+                worker.join(0.05)
+            assert waiting_for_an_advisory_lock(conn), "the second registration never queued"
+        worker.join(30)
+
+    assert results == ["test_64_2", "test_64_3"]
+
+
+def waiting_for_an_advisory_lock(conn: Connection) -> bool:
+    row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()
+    return row is not None and row[0] > 0

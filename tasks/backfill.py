@@ -432,5 +432,5 @@ def _live_model(conn: Connection, slug: str) -> EmbeddingModel:
     if model is None:
         raise ModelConfigError(f"no model {slug!r} is registered (see `ragingest models list`)")
     if model.status == "retired":
-        raise ModelConfigError(f"model {slug} is retired")
+        raise ModelConfigError(f"model {slug} is retired; `ragingest backfill` brings it back")
     return model

@@ -257,8 +257,9 @@ def ensure_ingest_model(conn: Connection, settings: Settings) -> list[EmbeddingM
     )
     if configured is not None and configured.status == "retired":
         raise ModelConfigError(
-            f"model {configured.slug} ({configured.model_key}) is retired; "
-            "configure a live model (see `ragingest models list`)"
+            f"model {configured.slug} ({configured.model_key}) is retired; configure a live model "
+            f"(see `ragingest models list`), or bring it back with `ragingest backfill --provider "
+            f"{configured.provider} --model {configured.model} --dimensions {configured.dimensions}`"
         )
     if configured is None:
         live = live_models(conn)

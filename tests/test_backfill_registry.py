@@ -12,7 +12,7 @@ import pytest
 from flows.backfill import run_backfill
 from flows.cli import main
 from flows.ingest import run_ingest
-from tasks.backfill import retire
+from tasks.backfill import activate, retire
 from tasks.db import Connection, connect, index_validity
 from tasks.embed import EmbeddingError, HashEmbedder
 from tasks.registry import ModelConfigError, get_model, register_model
@@ -219,3 +219,21 @@ def test_two_registrations_at_once_never_choose_the_same_slug(
 def waiting_for_an_advisory_lock(conn: Connection) -> bool:
     row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()
     return row is not None and row[0] > 0
+
+
+def test_an_ingest_with_a_retired_model_points_at_the_backfill_that_brings_it_back(
+    loaded: Any, conn: Connection, tmp_path: Path
+) -> None:
+    run_backfill(loaded, **NEW)
+    activate(conn, "test_128")
+    retire(conn, "test_64")
+    kb = write_tree(tmp_path / "kb", {"guides/new.md": "# New\n\nA page added after the retirement.\n"})
+    with pytest.raises(
+        ModelConfigError, match="`ragingest backfill --provider hash --model test --dimensions 64`"
+    ):
+        run_ingest(loaded, kb)
+
+    summary = run_backfill(loaded, provider="hash", model="test", dimensions=64)
+    assert summary["model"]["status"] == "ready" and summary["embeddings"]["embedded"] == 0
+    assert run_ingest(loaded, kb)["documents"]["failed"] == 0
+    assert conn.execute("SELECT count(*) FROM chunks WHERE emb_test_64 IS NULL").fetchone() == (0,)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow
 
 from config.settings import Settings
@@ -29,6 +30,7 @@ from tasks.db import Connection, open_current_database
 from tasks.embed import Embedder, Vectors, make_embedder
 from tasks.evaluate import (
     GATE_TOLERANCE,
+    METRIC_LEVELS,
     EvalCase,
     EvalSummary,
     gate_failures,
@@ -38,6 +40,7 @@ from tasks.evaluate import (
     summarize,
     threshold_failures,
 )
+from tasks.ranking import GroupBy
 from tasks.registry import EmbeddingModel
 from tasks.search import (
     SEARCH_MODES,
@@ -47,6 +50,7 @@ from tasks.search import (
     corpus_stats,
     embed_queries,
     options_from_settings,
+    query_problem,
     resolve_model,
 )
 from tasks.stage import StageRunner, run_as_task, run_plain, stage_task
@@ -68,7 +72,12 @@ def default_embedder(model: EmbeddingModel, settings: Settings) -> Embedder:
 
 
 def embed_case_queries(embedder: Embedder, cases: Sequence[EvalCase], settings: Settings) -> Vectors:
-    return embed_queries(embedder, [case.query for case in cases], settings)
+    """One vector per case; a case whose query no search takes gets zeros (it fails when searched)."""
+    usable = [index for index, case in enumerate(cases) if query_problem(case.query) is None]
+    vectors = np.zeros((len(cases), embedder.dimensions), dtype=np.float32)
+    if usable:
+        vectors[usable] = embed_queries(embedder, [cases[index].query for index in usable], settings)
+    return vectors
 
 
 def run_mode(
@@ -80,7 +89,7 @@ def run_mode(
     stats: CorpusStats,
 ) -> EvalSummary:
     results = run_cases(conn, cases, options=options, model=model, vectors=vectors, stats=stats)
-    return summarize(options.mode, model.slug if model else None, options.k, results)
+    return summarize(options.mode, model.slug if model else None, options.k, results, options.group_by)
 
 
 load_cases_stage = stage_task("load-cases", load_cases)
@@ -95,15 +104,18 @@ def run_evaluation(
     modes: Sequence[SearchMode] = SEARCH_MODES,
     models: Sequence[str | None] = (None,),
     k: int = 10,
+    group_by: GroupBy = "chunk",
     runner: StageRunner = run_plain,
     embedder_factory: EmbedderFactory = default_embedder,
     **search_overrides: Any,
 ) -> Report:
     """Every case in every mode, per model (None: the active one); lexical runs once, needing none.
+    Searches return chunks or pages as `group_by` says; both levels are scored either way.
 
-    Returns `{"cases_file", "cases", "k", "results": [one object per (mode, model)]}`.
+    Returns `{"cases_file", "cases", "k", "group_by", "metric_levels", "results": [one object
+    per (mode, model)]}`.
     """
-    options = options_from_settings(settings, k=k, **search_overrides)
+    options = options_from_settings(settings, k=k, group_by=group_by, **search_overrides)
     cases = runner(load_cases_stage, cases_path)
     summaries: list[EvalSummary] = []
     with open_current_database(settings) as conn:
@@ -123,6 +135,8 @@ def run_evaluation(
         "cases_file": str(cases_path),
         "cases": len(cases),
         "k": k,
+        "group_by": group_by,
+        "metric_levels": METRIC_LEVELS,
         "results": [s.to_dict() for s in summaries],
     }
 
@@ -174,6 +188,7 @@ def evaluate(
     tolerance: Tolerance = GATE_TOLERANCE,
     profile: Profile = ENVIRONMENT,
     settings_overrides: SettingsOverrides | None = None,
+    group_by: GroupBy = "chunk",
 ) -> Report:
     """Measure retrieval on labelled cases: pass@1, pass@3, pass@k, recall@k, MRR and nDCG@10
     per (mode, model). Fails the run when a metric is under `fail_under` or below the baseline.
@@ -190,6 +205,8 @@ def evaluate(
         tolerance: How far below the baseline a metric may fall.
         profile: Settings profile from config/: dev (local model) or prod (OpenAI). environment: none.
         settings_overrides: Advanced: other settings by field name. Secrets and unknown keys are refused.
+        group_by: Search chunks (chunk) or pages, each page once at its best chunk's rank (page).
+            Both levels are scored either way.
     """
     settings = run_settings(profile, settings_overrides)
     report = run_evaluation(
@@ -198,6 +215,7 @@ def evaluate(
         modes=modes or SEARCH_MODES,
         models=models or [None],
         k=k,
+        group_by=group_by,
         runner=run_as_task,
         **(search_options.model_dump(exclude_none=True) if search_options else {}),
     )

@@ -12,11 +12,12 @@ from config.settings import Settings
 
 if TYPE_CHECKING:
     from tasks.db import Connection
-    from tasks.search import SearchFilters, SearchHit, SearchMode, SearchOptions
+    from tasks.search import PageHit, SearchFilters, SearchHit, SearchMode, SearchOptions
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 MODES = ("vector", "lexical", "hybrid")
+GROUPINGS = ("chunk", "page")
 
 
 def register(commands: Any) -> None:
@@ -35,6 +36,12 @@ def register(commands: Any) -> None:
         help="only chunks whose metadata or page frontmatter has KEY=VALUE (repeatable)",
     )
     _add_search_knobs(search)
+    search.add_argument(
+        "--group-by",
+        choices=GROUPINGS,
+        default="chunk",
+        help="chunk (default): the k best chunks; page: the k best pages, each once with its chunks cited",
+    )
     search.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     search.set_defaults(handler=_search)
 
@@ -53,6 +60,12 @@ def register(commands: Any) -> None:
     models.add_argument("--model", metavar="SLUG", help="embedding column (default: the active model)")
     models.add_argument("--compare", nargs=2, metavar=("SLUG_A", "SLUG_B"), help="two columns side by side")
     evaluate.add_argument("-k", type=_positive, default=10, help="cut-off of pass@k, recall@k, MRR (10)")
+    evaluate.add_argument(
+        "--group-by",
+        choices=GROUPINGS,
+        default="chunk",
+        help="search chunks (default) or pages; both levels are scored either way",
+    )
     _add_search_knobs(evaluate)
     evaluate.add_argument(
         "--fail-under",
@@ -92,7 +105,9 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.db import open_current_database
     from tasks.search import SearchFilters, SearchResult, format_hits, options_from_settings, parse_where
 
-    options = options_from_settings(settings, mode=args.mode, k=args.k, **_knobs(args))
+    options = options_from_settings(
+        settings, mode=args.mode, k=args.k, group_by=args.group_by, **_knobs(args)
+    )
     filters = SearchFilters(namespace=args.namespace, where=parse_where(args.where))
     with open_current_database(settings) as conn:
         slug, hits = run_search(conn, settings, args.query, options, filters, args.model)
@@ -108,20 +123,22 @@ def run_search(
     options: SearchOptions,
     filters: SearchFilters,
     slug: str | None,
-) -> tuple[str | None, list[SearchHit]]:
-    """Resolve the model, embed the query with it (not for lexical), and search; returns the slug and hits."""
+) -> tuple[str | None, list[SearchHit] | list[PageHit]]:
+    """Resolve the model, embed the query with it (not for lexical), and search (chunks or pages,
+    as `options.group_by` says); returns the slug and hits."""
     from tasks.embed import make_embedder
     from tasks.registry import validate_slug
-    from tasks.search import embed_queries, resolve_model, search
+    from tasks.search import check_query, embed_queries, resolve_model, search_any
 
+    check_query(query)
     if slug is not None:
         validate_slug(slug)
     if options.mode == "lexical":
-        return None, search(conn, query, options=options, filters=filters)
+        return None, search_any(conn, query, options=options, filters=filters)
     model = resolve_model(conn, slug)
     embedder = make_embedder(model.provider, model.model, model.dimensions, settings)
     (vector,) = embed_queries(embedder, [query], settings)
-    return model.slug, search(conn, query, options=options, filters=filters, model=model, vector=vector)
+    return model.slug, search_any(conn, query, options=options, filters=filters, model=model, vector=vector)
 
 
 # --- eval ---------------------------------------------------------------------------------
@@ -129,7 +146,14 @@ def run_search(
 
 def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from flows.evaluate import gate
-    from tasks.evaluate import format_comparison, format_failing, format_table, parse_threshold
+    from tasks.evaluate import (
+        format_comparison,
+        format_errors,
+        format_failing,
+        format_table,
+        headline_note,
+        parse_threshold,
+    )
 
     thresholds = dict(parse_threshold(item) for item in args.fail_under)
     if not args.cases.is_file():
@@ -143,14 +167,15 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
-        print(f"{report['cases']} cases from {report['cases_file']}, k={report['k']}")
+        print(f"{report['cases']} cases from {report['cases_file']}, k={report['k']}, by {args.group_by}")
+        print(headline_note(report["results"]))
         print(format_table(report["results"]))
         if args.compare:
             print()
             print(format_comparison(report["results"], *args.compare))
-        failing = format_failing(report["results"])
-        if failing:
-            print(failing)
+        for lines in (format_failing(report["results"]), format_errors(report["results"])):
+            if lines:
+                print(lines)
     for failure in failures:
         print(f"quality gate: {failure}", file=sys.stderr)
     return EXIT_FAILED if failures else 0
@@ -163,16 +188,20 @@ def _run_evaluation(
     if args.no_prefect:
         from flows.evaluate import run_evaluation
 
-        return run_evaluation(settings, args.cases, modes=modes, models=models, k=args.k, **knobs)
+        return run_evaluation(
+            settings, args.cases, modes=modes, models=models, k=args.k, group_by=args.group_by, **knobs
+        )
     from flows.evaluate import evaluate
+    from flows.params import SearchOptionsOverrides, SettingsOverrides
 
-    overrides = dict(args.settings_overrides)
-    return evaluate(
+    report: dict[str, Any] = evaluate(
         cases=str(args.cases),
-        modes=modes,
+        modes=tuple(modes),
         models=models,
         k=args.k,
+        group_by=args.group_by,
         profile=args.profile,
-        settings_overrides=overrides,
-        search_options=knobs,
+        settings_overrides=SettingsOverrides.model_validate(dict(args.settings_overrides)),
+        search_options=SearchOptionsOverrides.model_validate(knobs),
     )
+    return report

@@ -7,6 +7,18 @@ is one target. A hit finds a target when its path is the target's and, where a
 heading is given, the heading is on the hit's heading path. Only the first hit
 of a target counts as relevant: a second chunk of the same section is a miss.
 
+Every case is scored at two levels:
+
+- **page**: the ranking as pages, each page once at the rank of its best chunk;
+  the targets are the case's distinct expected pages;
+- **chunk**: the ranking as chunks; the targets are the case's sections (or,
+  without `expected_headings`, its pages, found by their first chunk).
+
+The headline metrics of a run read each case at its own level: page for a case
+without `expected_headings`, chunk for a case with them. A case whose query no
+search can take (a NUL byte, a megabyte of text) fails alone, named by its id,
+and scores nothing; the others are scored.
+
 The ranking the metrics read is the one search returns: ties in score were
 already broken there (by chunk id, or for hybrid by best rank then chunk id).
 """
@@ -16,27 +28,43 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 
 from tasks.db import Connection
+from tasks.ranking import PageHit
 from tasks.registry import EmbeddingModel
 from tasks.search import (
     CorpusStats,
+    SearchError,
     SearchFilters,
     SearchHit,
     SearchOptions,
+    check_query,
     corpus_stats,
-    search,
+    search_any,
 )
 
 METRICS = ("pass@1", "pass@3", "pass@k", "recall@k", "mrr", "ndcg@10")
 """Reported per (mode, model). pass@k, recall@k and MRR read the top k; nDCG always the top 10."""
 NDCG_DEPTH = 10
 GATE_TOLERANCE = 0.02
+LEVELS = ("page", "chunk")
+GATED = (*METRICS, *(f"{level}.{name}" for level in LEVELS for name in METRICS))
+"""What the baseline gate compares, where the baseline holds it."""
+METRIC_LEVELS = {
+    "results[].<metric>": "each case at its own level: page for the cases without expected_headings,"
+    " chunk for the cases with them (`levels` counts each); the gate and --fail-under read these",
+    "results[].page.<metric>": "pages: each page once, at the rank of its best chunk;"
+    " the targets are the expected pages",
+    "results[].chunk.<metric>": "chunks as ranked; the targets are the expected sections (or pages);"
+    " a second chunk of a found target is a miss",
+}
+"""What each metric of a result reads, as the JSON report says it."""
 
 
 class CaseFileError(ValueError):
@@ -55,6 +83,16 @@ class EvalCase:
     query: str
     targets: tuple[Target, ...]
     namespace: str | None = None
+
+    @property
+    def level(self) -> str:
+        """`chunk` when the case names sections, else `page`."""
+        return "chunk" if any(target.heading is not None for target in self.targets) else "page"
+
+    @property
+    def pages(self) -> tuple[Target, ...]:
+        """The distinct expected pages."""
+        return tuple(dict.fromkeys(Target(target.path) for target in self.targets))
 
 
 # --- cases --------------------------------------------------------------------------
@@ -183,25 +221,41 @@ def case_metrics(marks: Sequence[int], targets: int, k: int) -> dict[str, float]
 class CaseResult:
     case_id: str
     metrics: Mapping[str, float]
+    """At the case's own level (`level`)."""
     ranked: tuple[tuple[str, tuple[str, ...], int], ...]
-    """(path, heading path, chunk id) of each hit, best first."""
+    """(path, heading path, chunk id) of each chunk, best first."""
+    page: Mapping[str, float] = field(default_factory=dict)
+    chunk: Mapping[str, float] = field(default_factory=dict)
+    level: str = "chunk"
+    error: str | None = None
+    """Why the case could not be searched; it then scores nothing."""
 
     @property
     def passed(self) -> bool:
         return self.metrics["pass@k"] > 0
 
+    def at(self, level: str) -> Mapping[str, float]:
+        return {"page": self.page, "chunk": self.chunk}.get(level, self.metrics)
+
 
 @dataclass(frozen=True, slots=True)
 class EvalSummary:
-    """The metrics of one (mode, model) over every case."""
+    """The metrics of one (mode, model) over every case, at the cases' own levels and at each level."""
 
     mode: str
     model: str | None
     k: int
     metrics: Mapping[str, float]
     failing: tuple[str, ...]
-    """Ids of the cases with no target in the top k."""
+    """Ids of the cases with no target in the top k (at their own level), errors included."""
     cases: int
+    group_by: str = "chunk"
+    levels: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """`page` and `chunk`: their metrics and failing ids."""
+    counts: Mapping[str, int] = field(default_factory=dict)
+    """How many cases are scored at each level in `metrics`."""
+    errors: tuple[tuple[str, str], ...] = ()
+    """(case id, reason) of each case that could not be searched."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -211,23 +265,73 @@ class EvalSummary:
             "cases": self.cases,
             **{name: round(self.metrics[name], 4) for name in METRICS},
             "failing": list(self.failing),
+            "group_by": self.group_by,
+            "levels": {level: self.counts.get(level, 0) for level in LEVELS},
+            **{level: dict(self.levels.get(level, {})) for level in LEVELS},
+            "errors": [{"id": case_id, "reason": reason} for case_id, reason in self.errors],
         }
 
 
-def score_case(case: EvalCase, hits: Sequence[SearchHit], k: int) -> CaseResult:
-    ranked = tuple((hit.path, hit.heading_path, hit.chunk_id) for hit in hits)
-    marks = relevance([(path, headings) for path, headings, _ in ranked], case.targets)
-    return CaseResult(case.id, case_metrics(marks, len(case.targets), k), ranked)
+def chunk_ranking(hits: Sequence[SearchHit | PageHit]) -> list[SearchHit]:
+    """The chunks of a result, best first: a page's cited chunks in its place."""
+    chunks: list[SearchHit] = []
+    for hit in hits:
+        chunks.extend(hit.chunks if isinstance(hit, PageHit) else (hit,))
+    return chunks
 
 
-def summarize(mode: str, model: str | None, k: int, results: Sequence[CaseResult]) -> EvalSummary:
-    count = len(results)
-    means = {name: (sum(r.metrics[name] for r in results) / count if count else 0.0) for name in METRICS}
+def page_ranking(chunks: Sequence[SearchHit]) -> list[str]:
+    """Each page once, at the rank of its best chunk."""
+    return list(dict.fromkeys(chunk.path for chunk in chunks))
+
+
+def score_case(case: EvalCase, hits: Sequence[SearchHit | PageHit], k: int) -> CaseResult:
+    chunks = chunk_ranking(hits)
+    ranked = tuple((hit.path, hit.heading_path, hit.chunk_id) for hit in chunks)
+    chunk_marks = relevance([(path, headings) for path, headings, _ in ranked], case.targets)
+    page_marks = relevance([(path, ()) for path in page_ranking(chunks)], case.pages)
+    levels = {
+        "chunk": case_metrics(chunk_marks, len(case.targets), k),
+        "page": case_metrics(page_marks, len(case.pages), k),
+    }
+    return CaseResult(case.id, levels[case.level], ranked, levels["page"], levels["chunk"], case.level)
+
+
+def failed_case(case: EvalCase, reason: str) -> CaseResult:
+    """A case that could not be searched: it scores nothing at every level."""
+    zero = dict.fromkeys(METRICS, 0.0)
+    return CaseResult(case.id, zero, (), zero, zero, case.level, reason)
+
+
+def summarize(
+    mode: str, model: str | None, k: int, results: Sequence[CaseResult], group_by: str = "chunk"
+) -> EvalSummary:
+    levels = {
+        level: {
+            **_means(results, level),
+            "failing": [r.case_id for r in results if not r.at(level)["pass@k"]],
+        }
+        for level in LEVELS
+    }
     failing = tuple(r.case_id for r in results if not r.passed)
-    return EvalSummary(mode, model, k, means, failing, count)
+    counts = {level: sum(1 for r in results if r.level == level) for level in LEVELS}
+    errors = tuple((r.case_id, r.error) for r in results if r.error is not None)
+    return EvalSummary(
+        mode, model, k, _means(results, None), failing, len(results), group_by, levels, counts, errors
+    )
+
+
+def _means(results: Sequence[CaseResult], level: str | None) -> dict[str, float]:
+    count = len(results)
+    return {
+        name: (sum(r.at(level or "")[name] for r in results) / count if count else 0.0) for name in METRICS
+    }
 
 
 # --- running cases --------------------------------------------------------------------
+
+QUERY_ERRORS = (SearchError, psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
+"""What the text of one case can make go wrong: the case fails, the run goes on."""
 
 
 def run_cases(
@@ -239,21 +343,28 @@ def run_cases(
     vectors: np.ndarray[Any, Any] | None = None,
     stats: CorpusStats | None = None,
 ) -> list[CaseResult]:
-    """Search every case in `options.mode`; `vectors` holds one query vector per case (not for lexical)."""
+    """Search every case in `options.mode`, by chunk or by page as `options.group_by` says;
+    `vectors` holds one query vector per case (not for lexical)."""
     depth = replace(options, k=max(options.k, NDCG_DEPTH))
     stats = stats or corpus_stats(conn)
     results = []
     for index, case in enumerate(cases):
         vector = None if vectors is None else vectors[index]
-        hits = search(
-            conn,
-            case.query,
-            options=depth,
-            filters=SearchFilters(namespace=case.namespace),
-            model=model,
-            vector=vector,
-            stats=stats,
-        )
+        try:
+            check_query(case.query)
+            with conn.transaction():  # a failed query leaves the connection usable
+                hits = search_any(
+                    conn,
+                    case.query,
+                    options=depth,
+                    filters=SearchFilters(namespace=case.namespace),
+                    model=model,
+                    vector=vector,
+                    stats=stats,
+                )
+        except QUERY_ERRORS as exc:
+            results.append(failed_case(case, f"case {case.id}: {exc}"))
+            continue
         results.append(score_case(case, hits, options.k))
     return results
 
@@ -262,12 +373,13 @@ def run_cases(
 
 
 def parse_threshold(text: str) -> tuple[str, float]:
-    """`metric=value`, e.g. `mrr=0.5`; the metric must be one of METRICS."""
+    """`metric=value`, e.g. `mrr=0.5`, or `level.metric=value` (`page.mrr=0.5`, `chunk.mrr=0.5`)."""
     name, sep, value = text.partition("=")
     name = name.strip()
-    if not sep or name not in METRICS:
+    if not sep or name.rpartition(".")[2] not in METRICS or name.rpartition(".")[0] not in ("", *LEVELS):
         raise ValueError(
-            f"--fail-under needs metric=value with metric one of {', '.join(METRICS)}; got {text!r}"
+            f"--fail-under needs metric=value with metric one of {', '.join(METRICS)},"
+            f" optionally as page.metric or chunk.metric; got {text!r}"
         )
     try:
         number = float(value)
@@ -276,13 +388,20 @@ def parse_threshold(text: str) -> tuple[str, float]:
     return name, number
 
 
+def metric_value(row: Mapping[str, Any], name: str) -> float | None:
+    """`mrr` from the row itself, `page.mrr` from its page level; None where the row has no such value."""
+    level, _, metric = name.rpartition(".")
+    values = row.get(level, {}) if level else row
+    return float(values[metric]) if isinstance(values, Mapping) and metric in values else None
+
+
 def threshold_failures(rows: Sequence[Mapping[str, Any]], thresholds: Mapping[str, float]) -> list[str]:
     """One line per (mode, model, metric) under its threshold; rows as `EvalSummary.to_dict` gives."""
     return [
-        f"{row['mode']}/{row['model'] or '-'}: {name} {float(row[name]):.4f} is under {floor}"
+        f"{row['mode']}/{row['model'] or '-'}: {name} {value:.4f} is under {floor}"
         for row in rows
         for name, floor in thresholds.items()
-        if float(row[name]) < floor
+        if (value := metric_value(row, name) or 0.0) < floor
     ]
 
 
@@ -295,7 +414,8 @@ def gate_failures(
     """Every metric that fell more than `tolerance` below the baseline, matched by (mode, model).
 
     Both sides are the `results` of `ragingest eval --json`. A baseline row with no
-    current row is a failure too: a mode that stopped running cannot pass.
+    current row is a failure too: a mode that stopped running cannot pass. Where the
+    baseline has page and chunk levels, they are held too (as `page.mrr`, `chunk.mrr`).
     """
     now = {(row["mode"], row["model"]): row for row in current}
     problems = []
@@ -305,11 +425,12 @@ def gate_failures(
         if row is None:
             problems.append(f"{key[0]}/{key[1] or '-'}: no result to compare with the baseline")
             continue
-        for name in METRICS:
-            if name in base and float(row[name]) < float(base[name]) - tolerance:
+        for name in GATED:
+            floor, value = metric_value(base, name), metric_value(row, name)
+            if floor is not None and (value or 0.0) < floor - tolerance:
                 problems.append(
-                    f"{key[0]}/{key[1] or '-'}: {name} {float(row[name]):.4f} is more than {tolerance}"
-                    f" below the baseline {float(base[name]):.4f}"
+                    f"{key[0]}/{key[1] or '-'}: {name} {value or 0.0:.4f} is more than {tolerance}"
+                    f" below the baseline {floor:.4f}"
                 )
     return problems
 
@@ -318,18 +439,52 @@ def gate_failures(
 
 
 def table_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Result objects (as `EvalSummary.to_dict` gives) as flat rows: the failing ids become a count."""
+    """Result objects (as `EvalSummary.to_dict` gives) as flat rows, one per level (page, chunk,
+    and `mixed` where the cases are of both levels); the failing ids become a count."""
     return [
         {
             "mode": row["mode"],
             "model": row["model"] or "-",
+            "level": level,
             "k": row["k"],
             "cases": row["cases"],
-            **{name: row[name] for name in METRICS},
-            "failing": len(row["failing"]),
+            **{name: values[name] for name in METRICS},
+            "failing": len(values["failing"]),
         }
         for row in results
+        for level, values in _shown_levels(row)
     ]
+
+
+def _shown_levels(row: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    counts = row.get("levels", {})
+    shown = [(level, row[level]) for level in LEVELS if isinstance(row.get(level), Mapping)]
+    if not shown or all(counts.get(level, 0) for level in LEVELS):
+        shown.append(("mixed", row))
+    return shown
+
+
+def headline_note(results: Sequence[Mapping[str, Any]]) -> str:
+    """Which level the headline metrics (the gate's, --fail-under's) read, in one line."""
+    if not results or "levels" not in results[0]:
+        return ""
+    counts = results[0]["levels"]
+    parts = [
+        f"{level} level for the {counts[level]} cases {wording}"
+        for level, wording in (("chunk", "with expected_headings"), ("page", "without"))
+        if counts.get(level)
+    ]
+    return (
+        "page: each page once, at its best chunk's rank; chunk: sections (a page target by its first"
+        f" chunk). Gate and --fail-under read {' and '.join(parts)}"
+        + (" (the `mixed` rows)." if len(parts) > 1 else ".")
+    )
+
+
+def format_errors(results: Sequence[Mapping[str, Any]]) -> str:
+    """Each case that could not be searched, once, with the reason."""
+    reasons = {error["id"]: error["reason"] for row in results for error in row.get("errors", [])}
+    return "\n".join(f"error {reason}" for reason in reasons.values())
 
 
 def publish_artifacts(summaries: Sequence[EvalSummary], cases_file: str) -> bool:

@@ -7,6 +7,9 @@
 - `hybrid`: Reciprocal Rank Fusion of the two, with lexical weighted up for
   queries that name an exact identifier.
 
+Results are chunks by default; grouped by page, each page comes once, at the
+rank of its best chunk, with its matching chunks as citations (see `tasks.ranking`).
+
 Model slugs are validated and reach SQL only as quoted identifiers; query text,
 filters and vectors only as parameters.
 """
@@ -18,7 +21,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -30,9 +33,26 @@ from psycopg.types.json import Jsonb
 from config.settings import Settings
 from tasks.db import Connection
 from tasks.embed import Embedder, EmbedItem, EmbedPolicy, Vectors, embed_items
+from tasks.ranking import (
+    DEFAULT_RRF_K,
+    GROUPINGS,
+    Citation,
+    GroupBy,
+    PageHit,
+    SearchHit,
+    count_pages,
+    fuse_pages,
+    fuse_rrf,
+    fusion_weights,
+    group_pages,
+    looks_like_identifier,
+    until_pages,
+)
 from tasks.records import sha256_text
 from tasks.registry import EmbeddingModel, get_model, list_models, validate_slug
 from tasks.tokens import count_tokens
+
+__all__ = ["Citation", "PageHit", "SearchHit", "fuse_rrf", "fuse_pages", "looks_like_identifier"]
 
 SearchMode = Literal["vector", "lexical", "hybrid"]
 QueryVector = Sequence[float] | np.ndarray[Any, Any]
@@ -40,9 +60,12 @@ SEARCH_MODES: tuple[SearchMode, ...] = ("vector", "lexical", "hybrid")
 
 DEFAULT_EF_SEARCH = 40
 """pgvector's own default for `hnsw.ef_search`."""
-DEFAULT_RRF_K = 60
 DEFAULT_DEPTH = 50
-"""Candidates each mode hands to the fusion."""
+"""Candidates each mode hands to the fusion: chunks, or pages when grouping by page."""
+MAX_CANDIDATES = 2_000
+"""Most chunks one mode fetches while filling its pages."""
+MAX_QUERY_CHARS = 10_000
+"""Longest query text a search takes (Postgres refuses a tsvector over 1 MB long before that)."""
 DEFAULT_IDENTIFIER_WEIGHT = 2.0
 """Weight of the lexical list in the fusion when the query names an identifier."""
 
@@ -66,67 +89,6 @@ class SearchError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Citation:
-    """Where a hit comes from, enough to quote it and to find it again."""
-
-    path: str
-    title: str
-    heading_path: tuple[str, ...]
-    chunk_id: int
-    score: float
-
-    def label(self) -> str:
-        place = " > ".join(self.heading_path)
-        return f"{self.path}" + (f" > {place}" if place else "") + f" [chunk {self.chunk_id}]"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "title": self.title,
-            "heading_path": list(self.heading_path),
-            "chunk_id": self.chunk_id,
-            "score": self.score,
-            "label": self.label(),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class SearchHit:
-    chunk_id: int
-    source: str
-    path: str
-    namespace: str
-    title: str
-    heading_path: tuple[str, ...]
-    content: str
-    score: float
-    """vector: cosine similarity; lexical: BM25; hybrid: the fused RRF score."""
-    similarity: float | None = None
-    """Cosine similarity to the query, where a vector took part."""
-    ranks: tuple[tuple[str, int], ...] = ()
-    """The hit's 1-based rank in each mode's list."""
-
-    @property
-    def citation(self) -> Citation:
-        return Citation(self.path, self.title, self.heading_path, self.chunk_id, self.score)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "chunk_id": self.chunk_id,
-            "source": self.source,
-            "path": self.path,
-            "namespace": self.namespace,
-            "title": self.title,
-            "heading_path": list(self.heading_path),
-            "score": self.score,
-            "similarity": self.similarity,
-            "ranks": dict(self.ranks),
-            "content": self.content,
-            "citation": self.citation.to_dict(),
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class SearchFilters:
     namespace: str | None = None
     where: tuple[tuple[str, str], ...] = ()
@@ -147,10 +109,14 @@ class SearchOptions:
     rrf_k: int = DEFAULT_RRF_K
     depth: int = DEFAULT_DEPTH
     identifier_weight: float = DEFAULT_IDENTIFIER_WEIGHT
+    group_by: GroupBy = "chunk"
+    """`chunk`: the k best chunks; `page`: the k best pages, each with its chunks as citations."""
 
     def __post_init__(self) -> None:
         if self.mode not in SEARCH_MODES:
             raise SearchError(f"unknown mode {self.mode!r}: choose one of {', '.join(SEARCH_MODES)}")
+        if self.group_by not in GROUPINGS:
+            raise SearchError(f"unknown grouping {self.group_by!r}: choose one of {', '.join(GROUPINGS)}")
         for name in ("k", "ef_search", "rrf_k", "depth"):
             if getattr(self, name) < 1:
                 raise SearchError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -165,6 +131,22 @@ def options_from_settings(settings: Settings, **overrides: Any) -> SearchOptions
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
     return SearchOptions(**values)
+
+
+def query_problem(text: str) -> str | None:
+    """Why no search can take this query text (a NUL byte, more than MAX_QUERY_CHARS), or None."""
+    if "\x00" in text:
+        return "the query holds a NUL byte (\\x00), which Postgres text cannot carry"
+    if len(text) > MAX_QUERY_CHARS:
+        return f"the query is {len(text):,} characters long; a search takes at most {MAX_QUERY_CHARS:,}"
+    return None
+
+
+def check_query(text: str) -> None:
+    """Refuse query text no search can take, saying why."""
+    problem = query_problem(text)
+    if problem is not None:
+        raise SearchError(problem)
 
 
 # --- filters ------------------------------------------------------------------------
@@ -494,77 +476,56 @@ def lexical_search(
 
 # --- hybrid -------------------------------------------------------------------------
 
-_IDENTIFIER = re.compile(
-    r"""
-      `[^`\s][^`]*`                          # anything in backticks
-    | \b[A-Za-z_]\w*(?:(?:\.|::|->)\w+)+     # dotted or scoped: tasks.embed, std::vec
-    | \b\w*[A-Za-z]\w*_\w*                   # snake_case, _private
-    | \b[a-z]+[A-Z]\w*                       # camelCase
-    | \b\w+\(\)                              # call()
-    | (?<![\w-])--?[A-Za-z][\w-]*            # a command-line flag
-    | \b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[A-Za-z\d]+(?:-[A-Za-z\d]+)*\b  # letters and digits: E0382, gpt-4o
-    """,
-    re.VERBOSE,
-)
+Fetch = Callable[[int], list[SearchHit]]
+"""One mode's best chunks, as many as the limit asks (fewer when the mode runs out)."""
 
 
-def looks_like_identifier(query: str) -> bool:
-    """Whether the query names something exact (code, a flag, an error code, a model name)."""
-    return _IDENTIFIER.search(query) is not None
-
-
-def fusion_weights(query: str, identifier_weight: float) -> dict[str, float]:
-    lexical = identifier_weight if looks_like_identifier(query) else 1.0
-    return {"vector": 1.0, "lexical": lexical}
-
-
-def fuse_rrf(
-    ranked: Mapping[str, Sequence[SearchHit]],
-    *,
-    k: int = DEFAULT_RRF_K,
-    weights: Mapping[str, float] | None = None,
-    limit: int | None = None,
-) -> list[SearchHit]:
-    """Reciprocal Rank Fusion: each list adds weight / (k + rank) to the chunks it holds.
-
-    Ties go to the chunk with the better best rank in any list, then to the lower
-    chunk id, so the same lists always fuse to the same order.
-    """
-    scores: dict[int, float] = {}
-    ranks: dict[int, dict[str, int]] = {}
-    hits: dict[int, SearchHit] = {}
-    for mode in sorted(ranked):
-        weight = 1.0 if weights is None else weights.get(mode, 1.0)
-        for rank, hit in enumerate(ranked[mode], start=1):
-            scores[hit.chunk_id] = scores.get(hit.chunk_id, 0.0) + weight / (k + rank)
-            ranks.setdefault(hit.chunk_id, {})[mode] = rank
-            known = hits.get(hit.chunk_id)
-            if known is None or (known.similarity is None and hit.similarity is not None):
-                hits[hit.chunk_id] = hit
-    order = sorted(scores, key=lambda cid: (-round(scores[cid], 12), min(ranks[cid].values()), cid))
-    fused = [replace(hits[cid], score=scores[cid], ranks=tuple(sorted(ranks[cid].items()))) for cid in order]
-    return fused if limit is None else fused[:limit]
-
-
-def hybrid_search(
+def mode_fetchers(
     conn: Connection,
-    model: EmbeddingModel,
     text: str,
-    vector: QueryVector,
     *,
     options: SearchOptions,
-    filters: SearchFilters = SearchFilters(),
-    stats: CorpusStats | None = None,
-) -> list[SearchHit]:
-    depth = max(options.depth, options.k)
-    semantic = vector_search(conn, model, vector, limit=depth, filters=filters, ef_search=options.ef_search)
-    lexical = lexical_search(conn, text, limit=depth, filters=filters, stats=stats)
-    if options.min_score is not None:
-        semantic = [hit for hit in semantic if (hit.similarity or 0.0) >= options.min_score]
-        lexical = _lexical_above(conn, model, vector, lexical, options.min_score)
-    weights = fusion_weights(text, options.identifier_weight)
-    lists = {"vector": semantic, "lexical": lexical}
-    return fuse_rrf(lists, k=options.rrf_k, weights=weights, limit=options.k)
+    filters: SearchFilters,
+    model: EmbeddingModel | None,
+    vector: QueryVector | None,
+    stats: CorpusStats | None,
+) -> dict[str, Fetch]:
+    """The lists the mode reads (hybrid: vector and lexical), each held to `min_score`."""
+    fetchers: dict[str, Fetch] = {}
+    if options.mode in ("lexical", "hybrid"):
+
+        def lexical(limit: int) -> list[SearchHit]:
+            hits = lexical_search(conn, text, limit=limit, filters=filters, stats=stats)
+            if options.min_score is None or options.mode == "lexical":
+                return hits
+            assert model is not None and vector is not None
+            return _lexical_above(conn, model, vector, hits, options.min_score)
+
+        fetchers["lexical"] = lexical
+    if options.mode in ("vector", "hybrid"):
+        if model is None or vector is None:
+            raise SearchError(f"{options.mode} search needs an embedding model and the query's vector")
+
+        def semantic(limit: int) -> list[SearchHit]:
+            hits = vector_search(
+                conn, model, vector, limit=limit, filters=filters, ef_search=options.ef_search
+            )
+            floor = options.min_score
+            return hits if floor is None else [hit for hit in hits if (hit.similarity or 0.0) >= floor]
+
+        fetchers["vector"] = semantic
+    return fetchers
+
+
+def fill_pages(fetch: Fetch, pages: int, start: int) -> list[SearchHit]:
+    """A mode's best chunks down to the best chunk of its `pages`-th page, fetching more
+    (twice as many each time, at most MAX_CANDIDATES) until that many pages are in."""
+    limit = min(max(start, pages), MAX_CANDIDATES)
+    while True:
+        hits = fetch(limit)
+        if len(hits) < limit or count_pages(hits) >= pages or limit >= MAX_CANDIDATES:
+            return until_pages(hits, pages)
+        limit = min(limit * 2, MAX_CANDIDATES)
 
 
 def _lexical_above(
@@ -592,19 +553,57 @@ def search(
     vector: QueryVector | None = None,
     stats: CorpusStats | None = None,
 ) -> list[SearchHit]:
-    """The top `options.k` hits in the chosen mode. Vector and hybrid need the model and the query vector."""
-    if options.mode == "lexical":
-        return lexical_search(conn, text, limit=options.k, filters=filters, stats=stats)
-    if model is None or vector is None:
-        raise SearchError(f"{options.mode} search needs an embedding model and the query's vector")
-    if options.mode == "vector":
-        hits = vector_search(
-            conn, model, vector, limit=options.k, filters=filters, ef_search=options.ef_search
-        )
-        if options.min_score is not None:
-            hits = [hit for hit in hits if hit.score >= options.min_score]
-        return hits
-    return hybrid_search(conn, model, text, vector, options=options, filters=filters, stats=stats)
+    """The top `options.k` chunks in the chosen mode. Vector and hybrid need the model and the
+    query vector. Hybrid fuses each mode's best `depth` chunks."""
+    check_query(text)
+    fetchers = mode_fetchers(
+        conn, text, options=options, filters=filters, model=model, vector=vector, stats=stats
+    )
+    if options.mode != "hybrid":
+        return fetchers[options.mode](options.k)
+    depth = max(options.depth, options.k)
+    lists = {mode: fetch(depth) for mode, fetch in fetchers.items()}
+    weights = fusion_weights(text, options.identifier_weight)
+    return fuse_rrf(lists, k=options.rrf_k, weights=weights, limit=options.k)
+
+
+def search_pages(
+    conn: Connection,
+    text: str,
+    *,
+    options: SearchOptions,
+    filters: SearchFilters = SearchFilters(),
+    model: EmbeddingModel | None = None,
+    vector: QueryVector | None = None,
+    stats: CorpusStats | None = None,
+) -> list[PageHit]:
+    """The top `options.k` pages, each once at the rank of its best chunk. Hybrid fuses the
+    page ranks of each mode's best `depth` pages (Reciprocal Rank Fusion of pages)."""
+    check_query(text)
+    fetchers = mode_fetchers(
+        conn, text, options=options, filters=filters, model=model, vector=vector, stats=stats
+    )
+    pages = options.k if options.mode != "hybrid" else max(options.depth, options.k)
+    lists = {mode: fill_pages(fetch, pages, options.depth) for mode, fetch in fetchers.items()}
+    if options.mode != "hybrid":
+        return group_pages(lists[options.mode], options.mode)[: options.k]
+    weights = fusion_weights(text, options.identifier_weight)
+    return fuse_pages(lists, k=options.rrf_k, weights=weights, limit=options.k)
+
+
+def search_any(
+    conn: Connection,
+    text: str,
+    *,
+    options: SearchOptions,
+    filters: SearchFilters = SearchFilters(),
+    model: EmbeddingModel | None = None,
+    vector: QueryVector | None = None,
+    stats: CorpusStats | None = None,
+) -> list[SearchHit] | list[PageHit]:
+    """`search` or `search_pages`, as `options.group_by` says."""
+    run = search_pages if options.group_by == "page" else search
+    return run(conn, text, options=options, filters=filters, model=model, vector=vector, stats=stats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,7 +612,7 @@ class SearchResult:
     options: SearchOptions
     filters: SearchFilters
     model: str | None
-    hits: list[SearchHit] = field(default_factory=list)
+    hits: Sequence[SearchHit | PageHit] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -621,6 +620,7 @@ class SearchResult:
             "mode": self.options.mode,
             "model": self.model,
             "k": self.options.k,
+            "group_by": self.options.group_by,
             "min_score": self.options.min_score,
             "namespace": self.filters.namespace,
             "where": dict(self.filters.where),
@@ -638,6 +638,8 @@ def format_hits(result: SearchResult, *, width: int = 160) -> str:
             snippet = snippet[: width - 1] + "…"
         lines.append(f"{rank:>2}. {_format_score(hit.score)}  {hit.citation.label()}")
         lines.append(f"    {snippet}")
+        if isinstance(hit, PageHit):
+            lines += [f"    also {chunk.citation.label()}" for chunk in hit.chunks[1:]]
     return "\n".join(lines)
 
 

@@ -106,6 +106,35 @@ def test_tied_scores_are_read_in_the_order_search_returned() -> None:
     assert swapped.metrics["mrr"] == 1.0
 
 
+def test_page_targets_are_ranked_by_page_each_page_once_at_its_best_rank() -> None:
+    case = EvalCase("pages", "q", (Target("a.md"), Target("b.md")))
+    ranking = [hit(1, "a.md", ("X",), 3), hit(2, "a.md", ("Y",), 2), hit(3, "b.md", (), 1)]
+    result = score_case(case, ranking, k=2)
+    # As pages, a.md and b.md are first and second: both found within k=2.
+    assert result.level == "page" and result.metrics == result.page
+    assert result.page["recall@k"] == 1.0 and result.page["ndcg@10"] == 1.0
+    # As chunks, a.md's second chunk takes rank 2 and pushes b.md out of the top 2.
+    assert result.chunk["recall@k"] == 0.5 and result.chunk["ndcg@10"] < 1.0
+
+
+def test_section_targets_are_scored_by_chunk_and_their_pages_by_page() -> None:
+    case = EvalCase("sections", "q", (Target("a.md", "Y"), Target("a.md", "Z")))
+    assert case.level == "chunk" and case.pages == (Target("a.md"),)
+    result = score_case(case, [hit(1, "b.md", (), 3), hit(2, "a.md", ("Y",), 2)], k=10)
+    assert result.metrics == result.chunk and result.chunk["mrr"] == 0.5
+    assert result.chunk["recall@k"] == 0.5
+    assert result.page["mrr"] == 0.5 and result.page["recall@k"] == 1.0  # one page, found
+
+
+def test_page_results_are_scored_through_their_citations() -> None:
+    from tasks.ranking import group_pages
+
+    pages = group_pages([hit(1, "a.md", ("X",), 3), hit(2, "b.md", ("Y",), 2), hit(3, "a.md", ("Y",), 1)])
+    result = score_case(EvalCase("c", "q", (Target("a.md", "Y"),)), pages, k=10)
+    assert [chunk_id for _, _, chunk_id in result.ranked] == [1, 3, 2]  # a.md's chunks, then b.md's
+    assert result.chunk["mrr"] == 0.5 and result.page["mrr"] == 1.0
+
+
 def test_summaries_average_the_cases_and_name_the_failing_ones() -> None:
     cases = [EvalCase(f"c{i}", "q", (Target("a.md"),)) for i in range(4)]
     a1, b1, a2 = hit(1, "a.md", (), 1), hit(1, "b.md", (), 1), hit(2, "a.md", (), 1)
@@ -116,7 +145,10 @@ def test_summaries_average_the_cases_and_name_the_failing_ones() -> None:
     assert summary.metrics["pass@1"] == 0.25 and summary.metrics["pass@k"] == 0.5
     assert summary.failing == ("c2", "c3")
     row = summary.to_dict()
-    assert set(row) == {"mode", "model", "k", "cases", "failing", *METRICS}
+    assert {"mode", "model", "k", "cases", "failing", *METRICS} <= set(row)
+    assert row["levels"] == {"page": 4, "chunk": 0} and row["errors"] == []
+    assert row["page"]["mrr"] == row["mrr"] and row["page"]["failing"] == ["c2", "c3"]
+    assert set(row["chunk"]) == {*METRICS, "failing"}
     assert summarize("vector", "m", 10, []).metrics == dict.fromkeys(METRICS, 0.0)
 
 
@@ -241,10 +273,54 @@ def test_run_evaluation_reports_each_mode_with_its_failing_cases(
     results = {(r["mode"], r["model"]): r for r in report["results"]}
     assert list(results) == [("vector", "test_64"), ("lexical", None), ("hybrid", "test_64")]
     lexical = results[("lexical", None)]
-    assert set(lexical) == {"mode", "model", "k", "cases", "failing", *METRICS}
+    assert {"mode", "model", "k", "cases", "failing", *METRICS} <= set(lexical)
+    assert {"group_by", "levels", "page", "chunk", "errors"} <= set(lexical)
     # Lexical finds the three answerable cases first; nothing matches "kubernetes helm".
     assert (lexical["pass@1"], lexical["mrr"], lexical["failing"]) == (0.75, 0.75, ["nowhere"])
     assert all(set(r) == set(lexical) and r["cases"] == 4 for r in results.values())
+
+
+def test_a_case_postgres_cannot_take_fails_alone_named_by_its_id(
+    kb: Path, tmp_path: Path, settings: Settings
+) -> None:
+    huge = {"id": "huge", "query": "rollback " * 120_000, "expected_paths": ["guides/deploy.md"]}
+    nul = {"id": "nul", "query": "roll\x00back", "expected_paths": ["guides/deploy.md"]}
+    cases = write_cases(tmp_path / "cases.jsonl", [huge, *CASES[:2], nul, *CASES[2:]])
+    assert len(huge["query"]) > 1_000_000
+
+    report = run_evaluation(settings, cases, k=3)
+
+    assert report["cases"] == 6
+    clean = run_evaluation(settings, write_cases(tmp_path / "clean.jsonl", CASES), k=3)
+    for row, good in zip(report["results"], clean["results"], strict=True):
+        assert row["cases"] == 6
+        assert [error["id"] for error in row["errors"]] == ["huge", "nul"]
+        assert "NUL" in row["errors"][1]["reason"] and "characters" in row["errors"][0]["reason"]
+        assert row["failing"] == ["huge", "nul", *good["failing"]]
+        # The four others are scored as they are alone; the two broken cases score nothing.
+        assert row["mrr"] == pytest.approx(good["mrr"] * 4 / 6, abs=1e-4)
+
+
+def test_run_evaluation_by_page_scores_both_levels_and_gates_on_them(
+    kb: Path, cases_file: Path, settings: Settings
+) -> None:
+    by_chunk = run_evaluation(settings, cases_file, k=3, modes=["lexical"])
+    by_page = run_evaluation(settings, cases_file, k=3, modes=["lexical"], group_by="page")
+    assert (by_chunk["group_by"], by_page["group_by"]) == ("chunk", "page")
+    assert set(by_page["metric_levels"]) == {
+        "results[].<metric>",
+        "results[].page.<metric>",
+        "results[].chunk.<metric>",
+    }
+    [row] = by_page["results"]
+    assert row["group_by"] == "page" and row["levels"] == {"page": 3, "chunk": 1}
+    assert row["page"]["failing"] == ["nowhere"]
+    assert gate_failures(by_page["results"], by_page["results"]) == []
+    lowered = [{**row, "page": {**row["page"], "mrr": 1.0}}]
+    assert gate_failures(by_page["results"], lowered) == [
+        f"lexical/-: page.mrr {row['page']['mrr']:.4f} is more than 0.02 below the baseline 1.0000"
+    ]
+    assert threshold_failures(by_page["results"], {"page.mrr": 1.0})[0].startswith("lexical/-: page.mrr")
 
 
 def add_second_model(conn: Connection) -> None:
@@ -348,7 +424,7 @@ def test_gate_reads_thresholds_and_a_baseline_together(tmp_path: Path) -> None:
 
 @pytest.mark.prefect
 def test_evaluate_flow_publishes_a_table_and_fails_under_a_threshold(
-    kb: Path, cases_file: Path, database_url: str
+    kb: Path, cases_file: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -356,8 +432,8 @@ def test_evaluate_flow_publishes_a_table_and_fails_under_a_threshold(
 
     from flows.evaluate import evaluate
 
+    monkeypatch.setenv("DATABASE_URL", database_url)  # the worker's environment: never a parameter
     overrides = {
-        "database_url": database_url,
         "embedding_provider": "hash",
         "embedding_model": "test",
         "embedding_dimensions": 64,

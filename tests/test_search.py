@@ -21,14 +21,17 @@ from flows.cli import main
 from flows.ingest import run_ingest
 from tasks.db import Connection, connect
 from tasks.embed import hash_vector
+from tasks.ranking import PageHit, fuse_pages, group_pages, until_pages
 from tasks.registry import InvalidIdentifier, get_model
 from tasks.search import (
+    MAX_QUERY_CHARS,
     QueryTerm,
     SearchError,
     SearchFilters,
     SearchHit,
     SearchOptions,
     containment_documents,
+    fill_pages,
     fuse_rrf,
     lexical_search,
     looks_like_identifier,
@@ -37,6 +40,7 @@ from tasks.search import (
     parse_where,
     resolve_model,
     search,
+    search_pages,
     vector_query,
     vector_search,
 )
@@ -294,6 +298,109 @@ def test_hybrid_fuses_both_lists_and_holds_lexical_hits_to_min_score(reader: Con
 def test_vector_and_hybrid_need_a_model_and_a_vector(reader: Connection) -> None:
     with pytest.raises(SearchError, match="needs an embedding model"):
         search(reader, "rollback", options=SearchOptions(mode="hybrid"))
+
+
+def test_a_query_no_search_can_take_is_refused_before_the_database(reader: Connection) -> None:
+    lexical = SearchOptions(mode="lexical")
+    with pytest.raises(SearchError, match="NUL byte"):
+        search(reader, "roll\x00back", options=lexical)
+    with pytest.raises(SearchError, match="characters long"):
+        search_pages(reader, "x" * (MAX_QUERY_CHARS + 1), options=lexical)
+    assert search(reader, "x" * MAX_QUERY_CHARS, options=lexical) == []
+
+
+# --- pages -------------------------------------------------------------------------------------
+
+
+def on(page: str, chunk_id: int) -> SearchHit:
+    return SearchHit(chunk_id, "s", page, "default", "t", (), "", 1.0 / chunk_id)
+
+
+def test_pages_come_once_at_the_rank_of_their_best_chunk() -> None:
+    chunks = [on("a.md", 1), on("b.md", 2), on("a.md", 3), on("c.md", 4), on("b.md", 5)]
+    pages = group_pages(chunks, "vector")
+    assert [p.path for p in pages] == ["a.md", "b.md", "c.md"]
+    assert [[c.chunk_id for c in p.chunks] for p in pages] == [[1, 3], [2, 5], [4]]
+    assert [p.best.ranks for p in pages] == [(("vector", 1),), (("vector", 2),), (("vector", 3),)]
+    assert pages[1].score == chunks[1].score  # a page scores as its best chunk
+    # Down to the best chunk of the second page: chunk 3 (of a.md) ranks below b.md's best.
+    assert [c.chunk_id for c in until_pages(chunks, 2)] == [1, 2]
+    assert until_pages(chunks, 9) == chunks
+
+
+def test_hybrid_pages_fuse_page_ranks_not_chunk_ranks() -> None:
+    # a.md holds the top three vector chunks; b.md is first in lexical and fourth in vector.
+    vector = [on("a.md", 1), on("a.md", 2), on("a.md", 3), on("b.md", 4)]
+    lexical = [on("b.md", 4), on("a.md", 2)]
+    pages = fuse_pages({"vector": vector, "lexical": lexical}, k=60)
+
+    # As pages, a.md is 1st in vector and 2nd in lexical; b.md 2nd in vector and 1st in lexical.
+    assert [p.path for p in pages] == ["a.md", "b.md"]  # tied scores: the better best rank, then the key
+    assert pages[0].score == pytest.approx(1 / 61 + 1 / 62) == pages[1].score
+    assert dict(pages[1].best.ranks) == {"vector": 2, "lexical": 1}
+    # Citations in the order of the chunks' own fusion; the first is the page's best chunk.
+    assert [c.chunk_id for c in pages[0].chunks] == [2, 1, 3]
+    assert pages[0].best.chunk_id == 2
+    chunks = fuse_rrf({"vector": vector, "lexical": lexical}, k=60)
+    assert [c.chunk_id for c in chunks] == [2, 4, 1, 3]  # chunk fusion would not rank pages the same way
+    weighted = fuse_pages({"vector": vector, "lexical": lexical}, weights={"lexical": 2.0}, limit=1)
+    assert [p.path for p in weighted] == ["b.md"]
+
+
+def test_fill_pages_fetches_more_until_it_holds_enough_pages() -> None:
+    chunks = [on(f"p{n // 4}.md", n + 1) for n in range(40)]  # four chunks a page, ten pages
+    asked: list[int] = []
+
+    def fetch(limit: int) -> list[SearchHit]:
+        asked.append(limit)
+        return chunks[:limit]
+
+    got = fill_pages(fetch, pages=5, start=4)
+    assert asked == [5, 10, 20] and len({c.path for c in got}) == 5 and got == chunks[:17]
+    asked.clear()
+    assert fill_pages(fetch, pages=50, start=8) == chunks and asked == [50]  # ran out: all there is
+
+
+@pytest.mark.parametrize("mode", ["vector", "lexical", "hybrid"])
+def test_page_search_returns_each_page_once_with_its_chunks_cited(reader: Connection, mode: str) -> None:
+    _, vector = stored_vector(reader, "guides/deploy.md", "Rollback")
+    args: dict[str, Any] = {"model": model(reader), "vector": vector} if mode != "lexical" else {}
+    options = SearchOptions(mode=cast(Any, mode), k=3, group_by="page")
+    pages = search_pages(reader, "rollback install", options=options, **args)
+
+    assert 1 <= len(pages) <= 3 and len({p.path for p in pages}) == len(pages)
+    assert all(isinstance(p, PageHit) and p.chunks[0].chunk_id == p.best.chunk_id for p in pages)
+    assert all(c.path == p.path for p in pages for c in p.chunks)
+    if mode != "hybrid":  # a single mode: the order of first appearance among its chunks
+        chunks = search(reader, "rollback install", options=SearchOptions(mode=cast(Any, mode), k=50), **args)
+        assert [p.path for p in pages] == list(dict.fromkeys(c.path for c in chunks))[:3]
+        assert [p.best.chunk_id for p in pages] == [
+            next(c.chunk_id for c in chunks if c.path == p.path) for p in pages
+        ]
+
+
+def test_page_search_cli_adds_citations_and_keeps_the_hit_keys(
+    env: None, kb: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["search", "install rollback", "-k", "2", "--group-by", "page", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["group_by"] == "page" and len(result["results"]) == 2
+    for row in result["results"]:
+        assert set(row) >= {
+            "rank",
+            "chunk_id",
+            "path",
+            "title",
+            "heading_path",
+            "score",
+            "citation",
+            "content",
+        }
+        assert row["group_by"] == "page" and row["citations"][0]["chunk_id"] == row["chunk_id"]
+        assert {c["path"] for c in row["citations"]} == {row["path"]}
+    assert len({row["path"] for row in result["results"]}) == 2
+    assert main(["search", "install rollback", "--group-by", "page", "--mode", "lexical"]) == 0
+    assert "also guides/" in capsys.readouterr().out  # more than one chunk of a page, cited under it
 
 
 # --- filters -----------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ HEAVY = ("torch", "sentence_transformers", "transformers")
 PROBE = """
 import atexit, json, sys
 heavy = {heavy!r}
-atexit.register(lambda: print("IMPORTED " + json.dumps([m for m in heavy if m in sys.modules]), file=sys.stderr))
+report = lambda: print("IMPORTED " + json.dumps([m for m in heavy if m in sys.modules]), file=sys.stderr)
+atexit.register(report)
 from flows.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -9,6 +9,7 @@ Prefect profile.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,15 +194,16 @@ def api(server: PrefectServer) -> Iterator[None]:
 
 
 def call(server: PrefectServer, action: Any) -> Any:
-    """Run `action(client)` against the test server."""
+    """Run `action(client)` against the test server, on a thread of its own: the caller may
+    already run an event loop (playwright's sync API does)."""
     from prefect.client.orchestration import get_client
 
     async def run() -> Any:
         async with get_client() as client:
             return await action(client)
 
-    with api(server):
-        return asyncio.run(run())
+    with api(server), ThreadPoolExecutor(1) as thread:
+        return thread.submit(contextvars.copy_context().run, asyncio.run, run()).result()
 
 
 def deployment(server: PrefectServer, name: str) -> Any:

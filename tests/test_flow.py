@@ -23,7 +23,7 @@ def prefect_server() -> Iterator[None]:
 
 
 def test_ingest_flow_runs_named_tasks_and_publishes_artifacts(
-    prefect_server: None, database_url: str, tmp_path: Path
+    prefect_server: None, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -31,8 +31,8 @@ def test_ingest_flow_runs_named_tasks_and_publishes_artifacts(
     from flows.ingest import ingest
 
     kb = write_tree(tmp_path / "kb", dict(PAGES))
+    monkeypatch.setenv("DATABASE_URL", database_url)  # the worker's environment: never a parameter
     overrides = {
-        "database_url": database_url,
         "embedding_provider": "hash",
         "embedding_model": "test",
         "embedding_dimensions": 64,

@@ -7,12 +7,13 @@ import json
 from typing import Any
 
 from config.settings import Settings
+from tasks.providers import PROVIDER_NAMES
 
 
 def register(commands: Any) -> None:
     """Add this module's subcommands to the `ragingest` parser."""
     backfill = commands.add_parser("backfill", help="add an embedding-model column and fill it resumably")
-    backfill.add_argument("--provider", required=True, choices=["openai", "sentence-transformers", "hash"])
+    backfill.add_argument("--provider", required=True, choices=PROVIDER_NAMES)
     backfill.add_argument("--model", required=True)
     backfill.add_argument("--dimensions", required=True, type=int)
     backfill.add_argument("--precision", choices=["vector", "halfvec"])

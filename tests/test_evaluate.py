@@ -39,8 +39,11 @@ from tasks.evaluate import (
 )
 from tasks.registry import register_model
 from tasks.search import SearchHit
+from tests.conftest import corpus_root
 from tests.test_ingest import write_tree
 from tests.test_search import PAGES
+
+RUSTBOOK_CASES = Path(__file__).resolve().parents[1] / "eval" / "rustbook_cases.jsonl"
 
 # --- metrics by hand -----------------------------------------------------------------------
 
@@ -474,14 +477,14 @@ def test_evaluate_flow_publishes_a_table_and_fails_under_a_threshold(
 
 
 def test_docsqa_cases_file_is_what_the_converter_writes() -> None:
-    pages = docsqa.group_pages(docsqa.load_sections())
-    expected = docsqa.cases_jsonl(docsqa.build_cases(docsqa.load_questions(), pages))
+    pages = docsqa.group_pages(docsqa.load_sections(corpus_root("docs-qa")))
+    expected = docsqa.cases_jsonl(docsqa.build_cases(docsqa.load_questions(corpus_root("docs-qa")), pages))
     assert docsqa.DEFAULT_CASES.read_text(encoding="utf-8") == expected
     assert len(load_cases(docsqa.DEFAULT_CASES)) == 100
 
 
 def test_docsqa_tree_has_one_section_per_corpus_chunk(tmp_path: Path) -> None:
-    pages = docsqa.group_pages(docsqa.load_sections())
+    pages = docsqa.group_pages(docsqa.load_sections(corpus_root("docs-qa")))
     written = docsqa.write_tree(tmp_path, pages)
     assert len(written) == len(pages) == 45
     assert (tmp_path / "api" / "index.md").is_file() and (tmp_path / "docs" / "welcome.md").is_file()
@@ -494,6 +497,25 @@ def test_docsqa_tree_has_one_section_per_corpus_chunk(tmp_path: Path) -> None:
     targets = {(t.path, t.heading) for case in load_cases(docsqa.DEFAULT_CASES) for t in case.targets}
     sections = {(page.path, section.heading) for page in pages for section in page.sections}
     assert targets <= sections
+
+
+def test_rustbook_cases_name_pages_and_sections_of_the_book() -> None:
+    """Written by reading the chapters: each expected section is a heading of its page."""
+    root = corpus_root("rust-book/src")
+    cases = load_cases(RUSTBOOK_CASES)
+    pages = {target.path for case in cases for target in case.targets}
+    assert len(cases) >= 100 and len(pages) >= 60 and all(case.level == "chunk" for case in cases)
+    headings: dict[str, set[str]] = {}
+    for page in pages:
+        chunks = chunk_document(parse_document(page, (root / page).read_bytes()), max_tokens=512)
+        headings[page] = {heading for chunk in chunks for heading in chunk.heading_path}
+    missing = [
+        (case.id, target)
+        for case in cases
+        for target in case.targets
+        if target.heading not in headings[target.path]
+    ]
+    assert missing == []
 
 
 def test_docsqa_paths_and_titles() -> None:

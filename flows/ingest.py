@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
 from config.settings import Settings
 from flows.params import (
@@ -30,6 +31,7 @@ from tasks.discover import source_identity
 from tasks.embed import Embedder, make_embedder
 from tasks.index import indexes_missing, vacuum
 from tasks.load import LoadRequest, LoadResult, load_run, nothing_to_load
+from tasks.outcome import final_state
 from tasks.plan import ChangePlan, discover_changes
 from tasks.prepare import PrepareStats, Shard, chunk_spec, plan_shards, prepare_shard
 from tasks.registry import EmbeddingModel
@@ -176,7 +178,7 @@ def ingest(
     settings_overrides: SettingsOverrides | None = None,
     workers: Workers = None,
     cluster: ClusterAddress = None,
-) -> Summary:
+) -> Summary | State[Summary]:
     """Sync a folder of Markdown into Postgres + pgvector, embedding only what changed.
 
     Args:
@@ -231,7 +233,7 @@ def bulk_load(
     settings_overrides: SettingsOverrides | None = None,
     workers: Workers = None,
     cluster: ClusterAddress = None,
-) -> Summary:
+) -> Summary | State[Summary]:
     """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE.
 
     The same sync as `ingest`, with the index strategy forced to `drop`. It is a flow of its
@@ -279,11 +281,14 @@ def _sync_from_flow(
     profile: str | None,
     settings_overrides: SettingsOverrides | None,
     **choices: Any,
-) -> Summary:
-    """The body both sync flows share: check the folder, build the settings, run the stages as tasks."""
+) -> Summary | State[Summary]:
+    """The body both sync flows share: check the folder, build the settings, run the stages as tasks.
+
+    Returns the summary, or a state that shows file failures (see `tasks.outcome.final_state`).
+    """
     folder = existing_folder(source)
     settings = run_settings(profile, settings_overrides, **choices)
-    return run_ingest(
+    summary = run_ingest(
         settings,
         folder,
         source_name=source_name,
@@ -291,3 +296,4 @@ def _sync_from_flow(
         runner=run_as_task,
         shard_runner=shard_runner_for(settings, prepare_stage, prefect=True) or shards_in_order,
     )
+    return final_state(summary)

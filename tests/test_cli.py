@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from flows.cli import EXIT_FAILED, EXIT_FILE_FAILURES, EXIT_TERMINATED, EXIT_USAGE, main
 from tests.test_ingest import PAGES, write_tree
 
 
@@ -88,3 +88,46 @@ def test_a_model_change_on_a_loaded_database_points_to_backfill(
     assert main(["ingest", str(kb), "--no-prefect"]) == 1
     err = capsys.readouterr().err
     assert "hash:test:128 is not registered" in err and "ragingest backfill" in err
+
+
+BAD_BYTES = b"# Broken\n\n\xff\xfe not UTF-8\n"
+
+
+def test_a_run_with_failed_files_exits_3_and_lists_them(
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kb = write_tree(tmp_path / "kb", {**PAGES, "broken.md": BAD_BYTES})
+    assert main(["ingest", str(kb), "--no-prefect", "--json"]) == EXIT_FILE_FAILURES
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["documents"]["new"] == 4 and summary["documents"]["failed"] == 1
+    assert [f["path"] for f in summary["failures"]] == ["broken.md"]
+
+
+def test_a_run_where_every_file_failed_is_never_a_success(
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kb = write_tree(tmp_path / "kb", {f"broken-{i}.md": BAD_BYTES for i in range(3)})
+    assert main(["ingest", str(kb), "--no-prefect", "--json"]) == EXIT_FILE_FAILURES
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["documents"]["failed"] == 3 and summary["documents"]["new"] == 0
+    assert main(["ingest", str(kb), "--no-prefect"]) == EXIT_FILE_FAILURES  # a rerun too
+    assert "broken-0.md" in capsys.readouterr().out
+
+
+def test_the_exit_codes_are_the_documented_ones() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    using_it = readme.split("## Using it", 1)[1].split("\n## ", 1)[0]
+    for code in (EXIT_FILE_FAILURES, EXIT_FAILED, EXIT_USAGE, EXIT_TERMINATED):
+        assert f"`{code}`" in using_it, code
+
+
+def test_sigterm_raises_terminated_in_process_and_the_old_handler_comes_back() -> None:
+    import os
+    import signal
+
+    from flows.cli import Terminated, sigterm_raises
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_raises():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs as os.kill returns
+    assert signal.getsignal(signal.SIGTERM) is before

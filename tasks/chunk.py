@@ -9,31 +9,52 @@ count of its `embed_text`, and never exceeds the cap.
   Fenced code blocks and table rows are never cut in half.
 - `chunk_by_tokens` slides overlapping token windows over the whole body.
 
-Pure: no I/O. Token counts come from `tasks.tokens`.
+Both take an optional `token_counter`, a model's own batched count: each
+embed text must then also fit the cap in that model's tokens (see
+`chunk_by_headings`).
+
+Block structure comes from `tasks.markdown.block_parser`; a section that fits
+whole is never cut into blocks. Token counts come from `tasks.tokens`: while a
+page is chunked, each distinct line or header part is encoded once, and long
+texts are counted as the sum of their lines. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from itertools import accumulate, pairwise
 from typing import Literal
 
-from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
+from tasks.markdown import BARE_FENCE, block_parser, closes_fence
 from tasks.records import Chunk, ParsedDocument, join_embed_text
-from tasks.tokens import count_tokens, encode, encoding
+from tasks.tokens import (
+    TokenCounter,
+    count_lines,
+    count_tokens,
+    encode,
+    remembered_counts,
+    token_lengths,
+)
 
 ChunkerName = Literal["headings", "tokens"]
 
 MIN_CAP = 32
 """The smallest cap either chunker accepts, in tokens."""
 
+MIN_SCALED_CAP = 8
+"""The smallest tiktoken cap a section is chunked again at to fit a model's own count."""
+
 BREADCRUMB_SEPARATOR = " > "
+
+_SURELY_OVER_CAP_CHARACTERS_PER_TOKEN = 6
+"""More characters per token than prose or code has: a section this long is counted by lines."""
 
 _RunKind = Literal["prose", "lines", "fence"]
 """How a run of lines may be split: prose at paragraphs, sentences, then lines;
@@ -53,8 +74,6 @@ _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 _LEADING_BLANK_LINES = re.compile(r"\A(?:[^\S\r\n]*(?:\r\n|\r|\n))+")
 
 _FENCE_OPENER = re.compile(r"[ \t>]*(?:(`{3,})[^`]*|(~{3,}).*)$", re.DOTALL)
-
-_BARE_FENCE = re.compile(r"[ \t>]*(`{3,}|~{3,})\s*")
 
 _SENTENCE_END = re.compile(
     # ., ! or ? then closing quotes or brackets and whitespace; or a CJK full stop, ! or ?
@@ -119,8 +138,21 @@ class _Segment:
 
 @dataclass(frozen=True, slots=True)
 class _Section:
+    """Lines `start` to `end` of a page, under the headings in `heading_path`."""
+
     heading_path: tuple[str, ...]
-    blocks: tuple[tuple[_Run, ...], ...]
+    lines: Sequence[str]
+    """All the page's lines."""
+    outline: _Outline
+    start: int
+    end: int
+
+    def text(self) -> str:
+        return "".join(self.lines[self.start : self.end])
+
+    def blocks(self) -> tuple[tuple[_Run, ...], ...]:
+        """The lines grouped by block; found only for a section that must be split."""
+        return _section_blocks(self.lines, self.outline, self.start, self.end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +163,7 @@ class _Draft:
     content: str
     embed_text: str
     token_count: int
+    oversize: bool = False
 
 
 class _BudgetOvershoot(Exception):
@@ -149,27 +182,62 @@ def build_embed_text(title: str, heading_path: Sequence[str], body: str) -> str:
     return join_embed_text(_header(title, heading_path), body)
 
 
-def chunk_by_headings(title: str, body: str, *, max_tokens: int = 512) -> list[Chunk]:
-    """One chunk per heading section, split further where a section is over `max_tokens`."""
+def chunk_by_headings(
+    title: str, body: str, *, max_tokens: int = 512, token_counter: TokenCounter | None = None
+) -> list[Chunk]:
+    """One chunk per heading section, split further where a section is over `max_tokens`.
+
+    With `token_counter` (a model's own, batched), each embed text also counts at
+    most `max_tokens` by it: a section with a chunk over is chunked again at a
+    tiktoken cap scaled down by the ratio measured, until it fits. A chunk that
+    still does not fit at a tiktoken cap of `MIN_SCALED_CAP` comes back marked
+    `oversize`.
+    """
     _require_cap("max_tokens", max_tokens)
-    drafts = [draft for section in _sections(body) for draft in _chunk_section(title, section, max_tokens)]
-    return _numbered(drafts)
+    with _remembering():
+        sections = _sections(body)
+        groups = [_chunk_section(title, section, max_tokens) for section in sections]
+        if token_counter is not None:
+            groups = _fit_counter(
+                groups,
+                lambda index, cap: _chunk_section(title, sections[index], cap),
+                max_tokens,
+                token_counter,
+            )
+    return _numbered([draft for group in groups for draft in group])
 
 
-def chunk_by_tokens(title: str, body: str, *, size: int = 400, overlap: int = 50) -> list[Chunk]:
+def chunk_by_tokens(
+    title: str, body: str, *, size: int = 400, overlap: int = 50, token_counter: TokenCounter | None = None
+) -> list[Chunk]:
     """Token windows over the stripped body, consecutive windows sharing `overlap` tokens.
 
     The title takes part of each window, so the embed text fits in `size`. Where the
     title leaves less than twice `overlap` for the body, the overlap shrinks to half
-    the body window so the windows still move forward.
+    the body window so the windows still move forward. With `token_counter`, a page
+    with a window over `size` by that count is windowed again, size and overlap
+    scaled down by the ratio measured, as `chunk_by_headings` does with a section.
     """
     _require_window(size, overlap)
     text = body.strip()
     if not text:
         return []
+    with _remembering():
+        drafts = _windows(title, text, size, overlap)
+        if token_counter is not None:
+            [drafts] = _fit_counter(
+                [drafts],
+                lambda _, cap: _windows(title, text, cap, overlap * cap // size),
+                size,
+                token_counter,
+            )
+    return _numbered(drafts)
+
+
+def _windows(title: str, text: str, size: int, overlap: int) -> list[_Draft]:
     header = _fitted_header(title, (), size)
     window = size - _header_cost(header)
-    return _numbered(_token_windows(text, header, size, window, min(overlap, window // 2)))
+    return _token_windows(text, header, size, window, min(overlap, window // 2))
 
 
 def chunk_document(
@@ -179,8 +247,13 @@ def chunk_document(
     max_tokens: int = 512,
     size: int = 400,
     overlap: int = 50,
+    token_counter: TokenCounter | None = None,
 ) -> list[Chunk]:
-    """Chunk a parsed page with the named chunker; a page marked `rag_include: false` gives []."""
+    """Chunk a parsed page with the named chunker; a page marked `rag_include: false` gives [].
+
+    `token_counter`, a model's own batched count (an embedder's `count_tokens`),
+    caps each embed text in that model's tokens too: see `chunk_by_headings`.
+    """
     if chunker == "headings":
         _require_cap("max_tokens", max_tokens)
     elif chunker == "tokens":
@@ -190,8 +263,8 @@ def chunk_document(
     if not doc.include:
         return []
     if chunker == "headings":
-        return chunk_by_headings(doc.title, doc.body, max_tokens=max_tokens)
-    return chunk_by_tokens(doc.title, doc.body, size=size, overlap=overlap)
+        return chunk_by_headings(doc.title, doc.body, max_tokens=max_tokens, token_counter=token_counter)
+    return chunk_by_tokens(doc.title, doc.body, size=size, overlap=overlap, token_counter=token_counter)
 
 
 # --- parameters ---------------------------------------------------------------
@@ -213,6 +286,22 @@ def _require_window(size: int, overlap: int) -> None:
 # --- embed text and its header ------------------------------------------------
 
 
+_truncations: ContextVar[dict[tuple[str, int], str] | None] = ContextVar("truncations", default=None)
+"""Titles and breadcrumbs already cut to a number of tokens, while one page is chunked."""
+
+
+@contextmanager
+def _remembering() -> Iterator[None]:
+    """While one page is chunked, count each distinct text and cut each title once."""
+    reset = _truncations.set({}) if _truncations.get() is None else None
+    try:
+        with remembered_counts():
+            yield
+    finally:
+        if reset is not None:
+            _truncations.reset(reset)
+
+
 def _header(title: str, heading_path: Sequence[str]) -> str:
     breadcrumb = BREADCRUMB_SEPARATOR.join(h.strip() for h in heading_path if h.strip())
     return "\n".join(part for part in (title.strip(), breadcrumb) if part)
@@ -220,7 +309,7 @@ def _header(title: str, heading_path: Sequence[str]) -> str:
 
 def _header_cost(header: str) -> int:
     """Tokens the header and its blank line take from the cap."""
-    return count_tokens(header + "\n\n") if header else 0
+    return count_lines(header + "\n\n") if header else 0
 
 
 def _fitted_header(title: str, heading_path: Sequence[str], cap: int) -> str:
@@ -231,7 +320,7 @@ def _fitted_header(title: str, heading_path: Sequence[str], cap: int) -> str:
         return header
     title = title.strip()
     breadcrumb = _header("", heading_path)
-    title_tokens, breadcrumb_tokens = count_tokens(title), count_tokens(breadcrumb)
+    title_tokens, breadcrumb_tokens = count_lines(title), count_lines(breadcrumb)
     available = limit - 3
     while available > 0:
         title_share = min(title_tokens, max(available // 2, available - breadcrumb_tokens))
@@ -250,6 +339,16 @@ def _truncate_to_tokens(text: str, limit: int) -> str:
     """The longest prefix of `text` within `limit` tokens that ends on a whole character."""
     if limit <= 0:
         return ""
+    memory = _truncations.get()
+    if memory is None:
+        return _truncated(text, limit)
+    key = (text, limit)
+    if key not in memory:
+        memory[key] = _truncated(text, limit)
+    return memory[key]
+
+
+def _truncated(text: str, limit: int) -> str:
     tokens = encode(text)
     if len(tokens) <= limit:
         return text
@@ -262,18 +361,12 @@ def _truncate_to_tokens(text: str, limit: int) -> str:
 # --- finding sections ---------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _markdown_parser() -> MarkdownIt:
-    # Block structure is all that matters here, so inline parsing is switched off.
-    return MarkdownIt("commonmark").enable("table").disable("inline")
-
-
 def _split_lines(text: str) -> list[str]:
     return _LINE.findall(text)
 
 
 def _outline(body: str) -> _Outline:
-    tokens = _markdown_parser().parse(body)
+    tokens = block_parser().parse(body)
     headings: list[_Heading] = []
     blocks: list[_Block] = []
     nested: list[_Block] = []
@@ -314,7 +407,7 @@ def _sections(body: str) -> list[_Section]:
     ends = [h.start for h in outline.headings] + [len(lines)]
     paths: list[tuple[str, ...]] = [(), *_heading_paths(outline.headings)]
     return [
-        _Section(path, _section_blocks(lines, outline, start, end))
+        _Section(path, lines, outline, start, end)
         for path, start, end in zip(paths, starts, ends, strict=True)
         if start < end
     ]
@@ -383,7 +476,7 @@ class _LiteralFenceClosers:
         bare = [
             (number, match.group(1))
             for number in range(segments[0].start, segments[-1].end)
-            if (match := _BARE_FENCE.fullmatch(lines[number]))
+            if (match := BARE_FENCE.fullmatch(lines[number]))
         ]
         return cls(
             segment_starts=[segment.start for segment in segments],
@@ -488,7 +581,7 @@ def _literal_fences(lines: Sequence[str]) -> tuple[list[tuple[int, int, str]], s
             index += 1
             continue
         markup = opening.group(1) or opening.group(2)
-        close = next((i for i in range(index + 1, len(lines)) if _closes_fence(lines[i], markup)), None)
+        close = next((i for i in range(index + 1, len(lines)) if closes_fence(lines[i], markup)), None)
         if close is None:
             return fences, markup
         fences.append((index, close + 1, markup))
@@ -501,23 +594,24 @@ def _literal_fences(lines: Sequence[str]) -> tuple[list[tuple[int, int, str]], s
 
 def _chunk_section(title: str, section: _Section, cap: int) -> list[_Draft]:
     header = _fitted_header(title, section.heading_path, cap)
-    content = _trim_blank_lines(
-        "".join(line for runs in section.blocks for run in runs for line in run.lines)
-    )
+    content = _trim_blank_lines(section.text())
     if not content:
         return []
-    embed_text = join_embed_text(header, content)
-    tokens = count_tokens(embed_text)
+    # The content's first line holds a non-space character, so header and body count apart.
+    # A long section will be split: count it by lines, which the split counts again.
+    count = count_lines if len(content) > _SURELY_OVER_CAP_CHARACTERS_PER_TOKEN * cap else count_tokens
+    tokens = _header_cost(header) + count(content)
     if tokens <= cap:  # most sections fit whole
-        return [_Draft(section.heading_path, content, embed_text, tokens)]
+        return [_Draft(section.heading_path, content, join_embed_text(header, content), tokens)]
     return _split_section(section, header, cap)
 
 
 def _split_section(section: _Section, header: str, cap: int) -> list[_Draft]:
     """Chunks of a section over the cap; the budget shrinks if a piece overshoots it."""
     budget = cap - _header_cost(header)
+    blocks = section.blocks()
     while budget > 0:
-        pieces = [piece for runs in section.blocks for piece in _split_block(runs, budget)]
+        pieces = [piece for runs in blocks for piece in _split_block(runs, budget)]
         try:
             return _pack(pieces, section.heading_path, header, cap, budget)
         except _BudgetOvershoot as overshoot:
@@ -561,10 +655,9 @@ def _fit_group(
         content = _trim_blank_lines("".join(piece.text for piece in pieces[start:end]))
         if not content:
             return None, end
-        embed_text = join_embed_text(header, content)
-        tokens = count_tokens(embed_text)
+        tokens = _header_cost(header) + count_lines(content)
         if tokens <= cap:
-            return _Draft(heading_path, content, embed_text, tokens), end
+            return _Draft(heading_path, content, join_embed_text(header, content), tokens), end
         if end - start == 1:
             raise _BudgetOvershoot(tokens - cap)
         end -= 1
@@ -576,7 +669,7 @@ def _trim_blank_lines(text: str) -> str:
 
 def _split_block(runs: Sequence[_Run], budget: int) -> list[_Piece]:
     text = "".join(line for run in runs for line in run.lines)
-    tokens = count_tokens(text)
+    tokens = count_lines(text)
     if tokens <= budget:
         return [_Piece(text, tokens)]
     return [piece for run in runs for piece in _split_run(run, budget)]
@@ -587,7 +680,7 @@ def _split_run(run: _Run, budget: int) -> list[_Piece]:
         return _split_fence(run, budget)
     splitters = _PROSE_SPLITTERS if run.kind == "prose" else _LINE_SPLITTERS
     text = "".join(run.lines)
-    return _split_text(text, count_tokens(text), budget, splitters)
+    return _split_text(text, count_lines(text), budget, splitters)
 
 
 def _split_text(
@@ -600,7 +693,7 @@ def _split_text(
         parts = splitter(text)
         if len(parts) > 1:
             finer = splitters[index + 1 :]
-            return [piece for part in parts for piece in _split_text(part, count_tokens(part), budget, finer)]
+            return [piece for part in parts for piece in _split_text(part, count_lines(part), budget, finer)]
     return _split_by_token_windows(text, budget)
 
 
@@ -640,14 +733,14 @@ _LINE_SPLITTERS: tuple[Callable[[str], list[str]], ...] = (_split_lines,)
 def _split_fence(run: _Run, budget: int) -> list[_Piece]:
     """Groups of the fence's lines, each wrapped in the fence's opening and closing lines."""
     opener, inner, closer = _fence_parts(run)
-    overhead = count_tokens(opener) + count_tokens(closer)
+    overhead = count_lines(opener) + count_lines(closer)
     inner_budget = budget - overhead
     if not inner or inner_budget < budget // 4:
         # The fence lines alone nearly fill the budget: cut it like any other lines.
         text = "".join(run.lines)
-        return _split_text(text, count_tokens(text), budget, _LINE_SPLITTERS)
+        return _split_text(text, count_lines(text), budget, _LINE_SPLITTERS)
     inner_pieces = [
-        piece for line in inner for piece in _split_text(line, count_tokens(line), inner_budget, ())
+        piece for line in inner for piece in _split_text(line, count_lines(line), inner_budget, ())
     ]
     return [
         _Piece(opener + _joined_lines(group) + closer, overhead + sum(p.tokens for p in group))
@@ -664,15 +757,10 @@ def _fence_parts(run: _Run) -> tuple[str, list[str], str]:
     """The opening line, the code lines, and a closing line (written if the fence had none)."""
     opener = _with_newline(run.lines[0])
     markup = run.fence_markup or "```"
-    has_closer = len(run.lines) > 1 and _closes_fence(run.lines[-1], markup)
+    has_closer = len(run.lines) > 1 and closes_fence(run.lines[-1], markup)
     inner = list(run.lines[1:-1] if has_closer else run.lines[1:])
     closer = run.lines[-1] if has_closer else opener[: max(opener.find(markup), 0)] + markup
     return opener, inner, _with_newline(closer)
-
-
-def _closes_fence(line: str, markup: str) -> bool:
-    bare = _BARE_FENCE.fullmatch(line)
-    return bare is not None and bare.group(1)[0] == markup[0] and len(bare.group(1)) >= len(markup)
 
 
 def _with_newline(line: str) -> str:
@@ -694,7 +782,7 @@ def _greedy_groups(pieces: Sequence[_Piece], budget: int) -> list[list[_Piece]]:
 
 def _byte_offsets(tokens: Sequence[int]) -> list[int]:
     """Where each token starts in the UTF-8 bytes, plus the end."""
-    return list(accumulate((len(b) for b in encoding().decode_tokens_bytes(list(tokens))), initial=0))
+    return list(accumulate(map(token_lengths().__getitem__, tokens), initial=0))
 
 
 def _splits_character(raw: bytes, offset: int) -> bool:
@@ -732,7 +820,7 @@ def _split_by_token_windows(text: str, budget: int) -> list[_Piece]:
         while True:
             end = _clean_end(raw, offsets, start, end)
             piece = raw[offsets[start] : offsets[end]].decode("utf-8")
-            tokens = count_tokens(piece)
+            tokens = count_lines(piece)
             if tokens <= budget or end - start <= 1:
                 break
             end = max(start + 1, end - (tokens - budget))
@@ -772,6 +860,56 @@ def _fit_window(
         end = max(start + 1, end - (tokens - cap))
 
 
+# --- the model's own count ----------------------------------------------------
+
+
+def _fit_counter(
+    groups: Sequence[list[_Draft]],
+    rechunk: Callable[[int, int], list[_Draft]],
+    cap: int,
+    counter: TokenCounter,
+) -> list[list[_Draft]]:
+    """The groups (a section's drafts each), those with a draft over `cap` by `counter` redone.
+
+    `rechunk(index, tiktoken_cap)` redoes group `index` at a lower cap, scaled by
+    the worst ratio measured; every round counts all redone drafts in one call.
+    """
+    groups, caps = list(groups), [cap] * len(groups)
+    pending = list(range(len(groups)))
+    while pending:
+        counts = _counted([groups[index] for index in pending], counter)
+        redo: list[int] = []
+        for index, group_counts in zip(pending, counts, strict=True):
+            worst = max(group_counts, default=0)
+            if worst <= cap:
+                continue
+            scaled = min(caps[index] - 1, caps[index] * cap // worst)
+            if scaled < MIN_SCALED_CAP:
+                groups[index] = _marked_oversize(groups[index], group_counts, cap)
+                continue
+            caps[index], groups[index] = scaled, rechunk(index, scaled)
+            redo.append(index)
+        pending = redo
+    return groups
+
+
+def _counted(groups: Sequence[Sequence[_Draft]], counter: TokenCounter) -> list[list[int]]:
+    """Each group's drafts counted by `counter`, all in one call."""
+    texts = [draft.embed_text for group in groups for draft in group]
+    counts = list(counter(texts))
+    if len(counts) != len(texts):
+        raise ValueError(f"the token counter gave {len(counts)} counts for {len(texts)} texts")
+    bounds = list(accumulate((len(group) for group in groups), initial=0))
+    return [counts[start:end] for start, end in pairwise(bounds)]
+
+
+def _marked_oversize(drafts: Sequence[_Draft], counts: Sequence[int], cap: int) -> list[_Draft]:
+    return [
+        replace(draft, oversize=True) if count > cap else draft
+        for draft, count in zip(drafts, counts, strict=True)
+    ]
+
+
 # --- numbering ----------------------------------------------------------------
 
 
@@ -783,6 +921,7 @@ def _numbered(drafts: Sequence[_Draft]) -> list[Chunk]:
             content=draft.content,
             embed_text=draft.embed_text,
             token_count=draft.token_count,
+            oversize=draft.oversize,
         )
         for ordinal, draft in enumerate(drafts)
     ]

@@ -70,6 +70,8 @@ class Chunk:
     token_count: int
     """Tokens in `embed_text`."""
     embed_hash: bytes = field(init=False)
+    oversize: bool = False
+    """The embed text is over the model's own token cap: a run the chunker could not split."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "embed_hash", sha256_text(self.embed_text))

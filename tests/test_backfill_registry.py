@@ -237,3 +237,13 @@ def test_an_ingest_with_a_retired_model_points_at_the_backfill_that_brings_it_ba
     assert summary["model"]["status"] == "ready" and summary["embeddings"]["embedded"] == 0
     assert run_ingest(loaded, kb)["documents"]["failed"] == 0
     assert conn.execute("SELECT count(*) FROM chunks WHERE emb_test_64 IS NULL").fetchone() == (0,)
+
+
+def test_long_names_that_share_a_prefix_get_distinct_slugs_within_the_limit(conn: Connection) -> None:
+    prefix = "a-very-long-embedding-model-name-from-some-vendor-"
+    with conn.transaction():
+        first = register_model(conn, provider="hash", model=prefix + "one", dimensions=8, status="ready")
+        second = register_model(conn, provider="hash", model=prefix + "two", dimensions=8, status="ready")
+
+    assert first.slug != second.slug and max(len(first.slug), len(second.slug)) <= 44
+    assert second.slug.endswith("_2") and {first.column_name, second.column_name} <= set(columns(conn))

@@ -194,16 +194,13 @@ def _run_plain(runner: DaskShards, shards: Sequence[Any]) -> list[Any]:
 
 def _run_with_prefect(runner: DaskShards, shards: Sequence[Any]) -> list[Any]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.utilities.annotations import quote
 
     api_url = _flow_api_url(runner.choice)
     with temporary_settings({PREFECT_API_URL: api_url}), _task_runner(runner.choice, api_url) as task_runner:
         runner.workers_seen = len(task_runner.client.scheduler_info(n_workers=-1)["workers"])
         started = time.perf_counter()
-        futures = [
-            task_runner.submit(runner.task, {k: quote(v) for k, v in _shard_call(runner, s).items()})
-            for s in shards
-        ]
+        # Not quoted: Dask would unpack Prefect's quote (a tuple) on the way to the worker.
+        futures = [task_runner.submit(runner.task, _shard_call(runner, s)) for s in shards]
         return _gather(runner, futures, started, lambda future: future.result())
 
 
@@ -221,7 +218,7 @@ def _gather(
             started = time.perf_counter()
     except BaseException as exc:
         for future in futures:
-            future.cancel()
+            getattr(future, "wrapped_future", future).cancel()  # a PrefectDaskFuture wraps Dask's
         if _is_cluster_loss(exc):
             raise ClusterError(
                 f"lost the Dask cluster{_at(runner.choice)} after {len(results)} of {len(futures)}"

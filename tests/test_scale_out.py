@@ -9,6 +9,7 @@ Prefect API, so no worker starts a Prefect server of its own.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -46,6 +47,7 @@ ROWS = (
     " FROM chunks c JOIN documents d ON d.id = c.document_id ORDER BY d.path, c.ordinal"
 )
 API_KEY = "sk-scale-" + uuid.uuid4().hex
+MODEL_ROWS = ROWS.replace("emb_test_64", "emb_text_embedding_3_small_64")
 MISSING_VECTORS = "SELECT count(*) FROM chunks WHERE emb_text_embedding_3_small_64 IS NULL"
 
 
@@ -74,9 +76,9 @@ def another_database(server_url: str, template_url: str) -> Iterator[Callable[[]
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def stored_rows(url: str) -> list[tuple[Any, ...]]:
+def stored_rows(url: str, query: str = ROWS) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
-        return conn.execute(ROWS).fetchall()
+        return conn.execute(query.encode()).fetchall()
 
 
 def counts(url: str) -> tuple[int, int, int]:
@@ -232,14 +234,21 @@ def test_a_worker_killed_mid_run_costs_nothing_already_cached(
 
 
 def test_a_lost_cluster_fails_the_run_and_leaves_the_database_as_it_was(
-    dask_cluster: DaskCluster, database_url: str
+    dask_cluster: DaskCluster, database_url: str, tmp_path: Path
 ) -> None:
-    half = make_settings(database_url, shard_bytes=SHARD_BYTES)
-    ingest(half, source=RUST_BOOK)  # a first load the failed run must not touch
-    before = stored_rows(database_url)
+    pages = sorted(RUST_BOOK.glob("*.md"))
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    for page in pages[: len(pages) // 2]:
+        shutil.copy(page, kb / page.name)
     with FakeEmbeddingsServer(dimensions=64, latency=0.05, required_api_key=API_KEY) as server:
+        ingest(openai_settings(database_url, server), source=kb)  # a first load the failed run must keep
+        before = stored_rows(database_url, MODEL_ROWS)
+        for page in pages[len(pages) // 2 :]:
+            shutil.copy(page, kb / page.name)
         settings = openai_settings(database_url, server, dask_address=dask_cluster.address)
-        thread, outcome = run_in_thread(lambda: ingest(settings))
+        server.reset_counters()
+        thread, outcome = run_in_thread(lambda: ingest(settings, source=kb))
         assert server.wait_for_in_flight(1, timeout=120), dask_cluster.logs()
         dask_cluster.kill_all()
         thread.join(timeout=600)
@@ -249,10 +258,11 @@ def test_a_lost_cluster_fails_the_run_and_leaves_the_database_as_it_was(
         assert isinstance(error, ClusterError), repr(error)
         assert "lost the Dask cluster at " + dask_cluster.address in str(error)
         assert "nothing was loaded" in str(error)
-        assert stored_rows(database_url) == before
+        assert stored_rows(database_url, MODEL_ROWS) == before
 
-        rerun = ingest(openai_settings(database_url, server))
-    assert rerun["chunks"]["total"] == counts(database_url)[1] > 0
+        rerun = ingest(openai_settings(database_url, server), source=kb)
+    assert rerun["documents"]["new"] == len(pages) - len(pages) // 2
+    assert rerun["chunks"]["total"] == counts(database_url)[1] > len(before)
     with psycopg.connect(database_url) as conn:
         assert conn.execute(MISSING_VECTORS).fetchone() == (0,)
 

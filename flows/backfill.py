@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from prefect import flow
 from pydantic import Field
@@ -191,7 +191,7 @@ def backfill(
         provider=provider,
         model=model,
         dimensions=dimensions,
-        precision=None if precision in (None, "auto") else precision,
+        precision=None if precision in (None, "auto") else cast(Precision, precision),
         batch_size=batch_size,
         activate_when_done=activate,
         dry_run=dry_run,

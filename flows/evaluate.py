@@ -220,7 +220,10 @@ def evaluate(
         **(search_options.model_dump(exclude_none=True) if search_options else {}),
     )
     failures = gate(
-        report, fail_under=fail_under, baseline=Path(baseline) if baseline else None, tolerance=tolerance
+        report,
+        fail_under={str(metric): floor for metric, floor in (fail_under or {}).items()},
+        baseline=Path(baseline) if baseline else None,
+        tolerance=tolerance,
     )
     if failures:
         raise QualityGateFailed(failures)

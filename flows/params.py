@@ -20,43 +20,64 @@ SETTING_FOR_PARAMETER.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
 from config.settings import ChunkerName, IndexStrategy, ProviderName, Settings, load_settings
 
-ENVIRONMENT = "environment"
+ENVIRONMENT: Final = "environment"
 """The choice that keeps the worker's setting."""
 FromEnvironment = Literal["environment"]
 
-_TEXT = r"^[^\x00-\x1f\x7f]*$"  # no NUL or other control characters: Postgres text refuses NUL
+SECRET_SHAPE = r"sk-[A-Za-z0-9_-]{20,}|://[^/\s:@]*:[^/\s@]+@|password\s*="
+"""An API key, a URL with a password, or a connection string's password=: refused in any text
+parameter, so a secret pasted into the wrong field is not stored either."""
 
-SourcePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=_TEXT)]
-SourceName = Annotated[str, Field(min_length=1, max_length=1024, pattern=_TEXT)] | None
+
+def _refuse_secret_shape(value: str) -> str:
+    if re.search(SECRET_SHAPE, value):
+        raise ValueError(
+            "this looks like a secret (an API key, or a URL or connection string with a password); "
+            "secrets belong in the environment of the worker"
+        )
+    return value
+
+
+# Text of a parameter: no NUL or other control character (Postgres text refuses NUL), and
+# nothing shaped like a secret (`not` for the server and the form, the validator for direct calls).
+_Text = Annotated[
+    str,
+    Field(min_length=1, pattern=r"^[^\x00-\x1f\x7f]*$", json_schema_extra={"not": {"pattern": SECRET_SHAPE}}),
+    AfterValidator(_refuse_secret_shape),
+]
+
+SourcePath = Annotated[_Text, Field(max_length=4096)]
+SourceName = Annotated[_Text, Field(max_length=1024)] | None
 Profile = Literal[FromEnvironment, Literal["dev", "prod"]] | None
-Glob = Annotated[str, Field(min_length=1, max_length=1024, pattern=_TEXT)]
+Glob = Annotated[_Text, Field(max_length=1024)]
 Globs = Annotated[list[Glob], Field(min_length=1, max_length=1000)] | None
 Chunker = Literal[FromEnvironment, ChunkerName] | None
 Provider = Literal[FromEnvironment, ProviderName] | None
-ModelNameText = Annotated[str, Field(min_length=1, max_length=256, pattern=_TEXT)]
+ModelNameText = Annotated[_Text, Field(max_length=256)]
 ModelName = ModelNameText | None
 Dimensions = Annotated[int, Field(ge=1, le=16000)] | None
 BatchSize = Annotated[int, Field(ge=1, le=2048)] | None
 IndexStrategyChoice = Literal[FromEnvironment, IndexStrategy] | None
 PrecisionChoice = Literal["auto", "vector", "halfvec"] | None
-FilePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=_TEXT)]
+"""auto (or None): halfvec above 2,000 dimensions, else vector."""
+FilePath = Annotated[_Text, Field(max_length=4096)]
 SearchModes = tuple[Literal["vector", "lexical", "hybrid"], ...] | None
 """Empty or None: every mode."""
-ModelSlugs = list[Annotated[str, Field(min_length=1, max_length=256, pattern=_TEXT)] | None] | None
+ModelSlugs = list[Annotated[_Text, Field(max_length=256)] | None] | None
 MetricName = Literal["pass@1", "pass@3", "pass@k", "recall@k", "mrr", "ndcg@10"]
 Thresholds = dict[MetricName, float] | None
 ResultsRead = Annotated[int, Field(ge=1, le=1000)]
 Tolerance = Annotated[float, Field(ge=0)]
-"""auto (or None): halfvec above 2,000 dimensions, else vector."""
 
 # Flow parameter -> the Settings field it overrides.
 SETTING_FOR_PARAMETER: dict[str, str] = {
@@ -82,7 +103,7 @@ SECRET_SETTINGS = frozenset({"database_url", "openai_api_key"})
 def _setting(name: str) -> Any:
     """The constraints and description of Settings.<name>, on an optional field that defaults to None."""
     source: FieldInfo = Settings.model_fields[name]
-    field: FieldInfo = Field(default=None, description=_SETTING_DOCS.get(name))
+    field = cast(FieldInfo, Field(default=None, description=_SETTING_DOCS.get(name)))
     field.metadata = list(source.metadata)
     return field
 

@@ -205,13 +205,17 @@ def test_every_choice_is_one_dropdown_with_its_default() -> None:
     from flows.backfill import backfill
     from flows.evaluate import evaluate
 
-    choices = {
-        ingest: {"profile": "environment", "chunker": "environment", "provider": "environment"},
-        bulk_load: {"profile": "environment", "chunker": "environment", "provider": "environment"},
+    sync: dict[str, str | None] = {
+        "profile": "environment",
+        "chunker": "environment",
+        "provider": "environment",
+    }
+    choices: dict[Any, dict[str, str | None]] = {
+        ingest: {**sync, "index_strategy": "environment"},
+        bulk_load: sync,
         backfill: {"profile": "environment", "precision": "auto", "provider": None},
         evaluate: {"profile": "environment"},
     }
-    choices[ingest]["index_strategy"] = "environment"
     for flow_object, expected in choices.items():
         properties = flow_schema(flow_object)["properties"]
         for name, default in expected.items():
@@ -441,13 +445,13 @@ def test_an_invalid_parameter_is_refused_before_a_run_exists(
 
 DB_PASSWORD = "pw-" + uuid.uuid4().hex
 SECRET_URL = f"postgresql://ragingest:{DB_PASSWORD}@127.0.0.1:5432/knowledge"
-REQUIRED = {
+REQUIRED: dict[str, dict[str, Any]] = {
     "ingest/nightly-ingest": {},
     "bulk-load/bulk-load": {"source": "kb"},
     "backfill/backfill-model": {"provider": "hash", "model": "m", "dimensions": 8},
     "evaluate/evaluate": {"cases": "cases.jsonl"},
 }
-SECRET_PARAMETERS = [
+SECRET_PARAMETERS: list[dict[str, Any]] = [
     {"settings_overrides": {"openai_api_key": API_KEY}},
     {"settings_overrides": {"OPENAI_API_KEY": API_KEY}},
     {"settings_overrides": {"database_url": SECRET_URL}},
@@ -476,9 +480,14 @@ def test_a_secret_given_as_a_parameter_is_refused_and_stored_nowhere(
             start_run(deployed, name, {**REQUIRED[name], **secret})
         assert refused.value.response.status_code == 409, refused.value.response.text
         assert "for field 'settings_overrides" in refused.value.response.text
+    text_field = {"backfill/backfill-model": "model", "evaluate/evaluate": "cases"}.get(name, "source_name")
+    pasted: list[dict[str, Any]] = [{text_field: f"kb {API_KEY}"}, {text_field: SECRET_URL}]
     if name == "evaluate/evaluate":
-        with pytest.raises(httpx.HTTPStatusError):
-            start_run(deployed, name, {**REQUIRED[name], "search_options": {"api_key": API_KEY}})
+        pasted.append({"search_options": {"api_key": API_KEY}})
+    for secret in pasted:
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            start_run(deployed, name, {**REQUIRED[name], **secret})
+        assert refused.value.response.status_code == 409, refused.value.response.text
 
     assert runs_of(deployed, name) == before
     stored = everything_stored(deployed)

@@ -377,3 +377,86 @@ def test_only_constant_text_reaches_psycopg_sql_SQL(figures: CaseFigures) -> Non
             if is_sql_call and node.args and not _is_constant_text(node.args[0], constants):
                 offenders.append(f"{name}:{node.lineno}: {ast.unparse(node)[:90]}")
     assert offenders == [], offenders
+
+
+# --- flow parameters: what the Prefect server refuses before a run exists -------------------
+
+KEY = "sk-proj-" + "Q7x" * 12
+REFUSED_PARAMETERS: list[tuple[str, dict[str, Any]]] = [
+    ("a key in source_name", {"source_name": f"kb {KEY}"}),
+    ("a URL with a password in source_name", {"source_name": "postgresql://kb:hunter2@db/kb"}),
+    ("a connection string's password in model", {"model": "host=db password=hunter2"}),
+    ("a key in a glob", {"include": [f"{KEY}/*.md"]}),
+    ("a NUL in source_name", {"source_name": "kb\x00x"}),
+    ("a newline in source", {"source": "kb\n--full-refresh"}),
+    ("a huge source", {"source": "k" * 5000}),
+    ("a huge source_name", {"source_name": "n" * 1025}),
+    ("a thousand and one globs", {"include": ["*.md"] * 1001}),
+    ("an empty glob list", {"include": []}),
+    ("a secret setting", {"settings_overrides": {"openai_api_key": KEY}}),
+    ("the database URL", {"settings_overrides": {"database_url": "postgresql://kb:hunter2@db/kb"}}),
+    ("the API endpoint", {"settings_overrides": {"openai_base_url": "http://127.0.0.1:9/v1"}}),
+    ("an unknown setting", {"settings_overrides": {"embed_batch": 3}}),
+    ("a nested dict for a number", {"settings_overrides": {"embed_concurrency": {"value": 2}}}),
+    ("a nested dict for a name", {"settings_overrides": {"embedding_model": {"name": KEY}}}),
+    ("a list of overrides", {"settings_overrides": [{"embed_concurrency": 2}]}),
+    ("an unknown choice", {"chunker": "sentences"}),
+    ("a choice in another case", {"profile": "PROD"}),
+    ("a float for an int", {"dimensions": 64.5}),
+    ("a huge int", {"dimensions": 10**30}),
+]
+ACCEPTED_PARAMETERS: list[tuple[str, dict[str, Any]]] = [
+    ("unicode names", {"source_name": "知识库 ünïcødé ✓", "model": "модель-1"}),
+    ("null choices", {"profile": None, "chunker": None, "provider": None, "index_strategy": None}),
+    ("named choices", {"profile": "environment", "chunker": "tokens", "index_strategy": "drop"}),
+    ("null overrides", {"settings_overrides": None}),
+    ("empty overrides", {"settings_overrides": {}}),
+    ("null inside overrides", {"settings_overrides": {"embed_concurrency": None, "hnsw_m": 24}}),
+    ("a long but legal source", {"source": "k" * 4096}),
+]
+
+
+def ingest_schema() -> dict[str, Any]:
+    from flows.ingest import ingest
+
+    return ingest.parameters.model_dump_for_openapi()
+
+
+@pytest.mark.parametrize(("case", "parameters"), REFUSED_PARAMETERS, ids=[c for c, _ in REFUSED_PARAMETERS])
+def test_hostile_flow_parameters_are_refused_by_the_schema_and_by_the_flow(
+    case: str, parameters: dict[str, Any], figures: CaseFigures
+) -> None:
+    """The server's check (Prefect's own validator over the deployment's schema) and the flow's
+    own validation on the worker refuse the same values."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.ingest import ingest
+
+    figures.bad_inputs += 1
+    full = {"source": "kb", **parameters}
+    assert validate(full, ingest_schema()), case
+    with pytest.raises(Exception, match="invalid parameters|validation"):
+        ingest.validate_parameters(full)
+
+
+@pytest.mark.parametrize(("case", "parameters"), ACCEPTED_PARAMETERS, ids=[c for c, _ in ACCEPTED_PARAMETERS])
+def test_odd_but_legal_flow_parameters_are_accepted_and_mean_what_they_say(
+    case: str, parameters: dict[str, Any], figures: CaseFigures
+) -> None:
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.ingest import ingest
+    from flows.params import run_settings
+
+    figures.bad_inputs += 1
+    full = {"source": "kb", **parameters}
+    assert validate(full, ingest_schema()) == [], case
+    checked = ingest.validate_parameters(full)
+    for name, value in parameters.items():
+        if name != "settings_overrides":
+            assert checked[name] == value, name
+    choices = {k: checked[k] for k in ("chunker", "provider", "index_strategy", "include", "model")}
+    settings = run_settings(checked["profile"], checked["settings_overrides"], **choices)
+    assert settings.chunker == (parameters.get("chunker") or "headings").replace("environment", "headings")
+    if (parameters.get("settings_overrides") or {}).get("hnsw_m"):
+        assert settings.hnsw_m == 24 and settings.embed_concurrency == 4

@@ -28,9 +28,11 @@ from tasks.pool import ConnectionSource, process_pool
 from tasks.records import Chunk, FileFailure, FoundFile, ParsedDocument
 from tasks.registry import EmbeddingModel
 from tasks.staging import StagingTarget, clear_shard, stage_documents
+from tasks.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
+OVERSIZE = "a single word or line longer than the model's input limit; the model embeds its start only"
 CHUNKER_VERSION = 1
 """Bumped when the chunkers' output changes, so stored documents are re-chunked once."""
 
@@ -57,6 +59,8 @@ class PrepareStats:
     stage_seconds: float = 0.0
     shard_seconds: list[float] = field(default_factory=list)
     """Wall time of each shard, as the shard measured it."""
+    oversize: list[FileFailure] = field(default_factory=list)
+    """Chunks over the model's input limit that could not be split: the model will cut them."""
 
     def add(self, other: PrepareStats) -> None:
         """Fold a shard's statistics into the run's."""
@@ -67,6 +71,7 @@ class PrepareStats:
         self.failures += other.failures
         self.excluded += other.excluded
         self.empty += other.empty
+        self.oversize += other.oversize
         self.shard_seconds += other.shard_seconds
         self.embed.add(other.embed)
 
@@ -79,18 +84,23 @@ class ChunkSpec:
     max_tokens: int
     window: int
     overlap: int
+    counter: str | None = None
+    """The model key whose own tokenizer counts the cap: the live model with the smallest input."""
 
     @property
     def signature(self) -> str:
+        counted = f"/count={self.counter}" if self.counter else ""
         if self.chunker == "tokens":
-            return f"tokens/v{CHUNKER_VERSION}/window={self.window}/overlap={self.overlap}"
-        return f"headings/v{CHUNKER_VERSION}/cap={self.max_tokens}"
+            return f"tokens/v{CHUNKER_VERSION}/window={self.window}/overlap={self.overlap}{counted}"
+        return f"headings/v{CHUNKER_VERSION}/cap={self.max_tokens}{counted}"
 
 
 def chunk_spec(settings: Settings, embedders: Sequence[Embedder]) -> ChunkSpec:
-    """The cap is the setting, never above any live model's input limit."""
+    """The cap is the setting, never above any live model's input limit, counted in that model's tokens."""
     cap = min([settings.chunk_max_tokens, *(e.max_input_tokens for e in embedders)])
-    return ChunkSpec(settings.chunker, cap, min(settings.token_window, cap), settings.token_overlap)
+    tightest = min(embedders, key=lambda e: e.max_input_tokens, default=None)
+    counter = tightest.model_key if tightest is not None else None
+    return ChunkSpec(settings.chunker, cap, min(settings.token_window, cap), settings.token_overlap, counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +182,11 @@ async def _prepare(
 ) -> PrepareStats:
     stats = PrepareStats()
     budgets = [RateBudget(settings.requests_per_minute, settings.tokens_per_minute) for _ in embedders]
+    reader = _Reader(settings, shard.spec, _counter(shard.spec, embedders), stats)
     step: Step = []
     try:
         for found in shard.files:
-            prepared = _timed_read_and_chunk(found, settings, shard.spec, stats)
+            prepared = reader.read_and_chunk(found)
             if prepared is not None:
                 step.append(prepared)
             if sum(len(chunks) for _, chunks in step) >= settings.stream_batch_chunks:
@@ -191,36 +202,56 @@ async def _prepare(
     return stats
 
 
-def _timed_read_and_chunk(
-    found: FoundFile, settings: Settings, spec: ChunkSpec, stats: PrepareStats
-) -> tuple[ParsedDocument, list[Chunk]] | None:
-    started = time.perf_counter()
-    try:
-        return _read_and_chunk(found, settings, spec, stats)
-    finally:
-        stats.chunk_seconds += time.perf_counter() - started
+def _counter(spec: ChunkSpec, embedders: Sequence[Embedder]) -> TokenCounter | None:
+    """The batched token count of the model the spec caps in."""
+    return next((e.count_tokens for e in embedders if e.model_key == spec.counter), None)
 
 
-def _read_and_chunk(
-    found: FoundFile, settings: Settings, spec: ChunkSpec, stats: PrepareStats
-) -> tuple[ParsedDocument, list[Chunk]] | None:
-    try:
-        doc = read_document(found, max_bytes=settings.max_file_bytes)
-    except DocumentError as exc:
-        log.warning("skipping %s: %s", exc.path, exc.reason)
-        stats.failures.append(FileFailure(exc.path, exc.reason))
-        return None
-    if not doc.include:
-        stats.excluded.append(doc.path)
-        return None
-    chunks = chunk_document(
-        doc, chunker=spec.chunker, max_tokens=spec.max_tokens, size=spec.window, overlap=spec.overlap
-    )
-    stats.documents += 1
-    stats.chunks += len(chunks)
-    if not chunks:
-        stats.empty.append(FileFailure(doc.path, f"{_why_empty(doc)}: stored without chunks"))
-    return doc, chunks
+@dataclass(slots=True)
+class _Reader:
+    """Reads and chunks one file at a time, adding to the shard's statistics."""
+
+    settings: Settings
+    spec: ChunkSpec
+    counter: TokenCounter | None
+    stats: PrepareStats
+
+    def read_and_chunk(self, found: FoundFile) -> tuple[ParsedDocument, list[Chunk]] | None:
+        started = time.perf_counter()
+        try:
+            doc = read_document(found, max_bytes=self.settings.max_file_bytes)
+        except DocumentError as exc:
+            log.warning("skipping %s: %s", exc.path, exc.reason)
+            self.stats.failures.append(FileFailure(exc.path, exc.reason))
+            return None
+        finally:
+            self.stats.chunk_seconds += time.perf_counter() - started
+        if not doc.include:
+            self.stats.excluded.append(doc.path)
+            return None
+        started = time.perf_counter()
+        chunks = self._chunk(doc)
+        self.stats.chunk_seconds += time.perf_counter() - started
+        return doc, chunks
+
+    def _chunk(self, doc: ParsedDocument) -> list[Chunk]:
+        spec, stats = self.spec, self.stats
+        chunks = chunk_document(
+            doc,
+            chunker=spec.chunker,
+            max_tokens=spec.max_tokens,
+            size=spec.window,
+            overlap=spec.overlap,
+            token_counter=self.counter,
+        )
+        stats.documents += 1
+        stats.chunks += len(chunks)
+        stats.oversize += [
+            FileFailure(doc.path, f"chunk {c.ordinal}: {OVERSIZE}") for c in chunks if c.oversize
+        ]
+        if not chunks:
+            stats.empty.append(FileFailure(doc.path, f"{_why_empty(doc)}: stored without chunks"))
+        return chunks
 
 
 def _why_empty(doc: ParsedDocument) -> str:

@@ -99,6 +99,7 @@ class RunSummary:
             "skipped": self._skipped(),
             "index": self._index(),
             "seconds": {name: round(value, 3) for name, value in self.seconds.items()},
+            "oversize": [{"path": f.path, "reason": f.reason} for f in self.prepared.oversize[:100]],
             "execution": self._execution(),
             "run_id": self.run_id,
         }
@@ -127,6 +128,7 @@ class RunSummary:
             "retries": embed.retries,
             "batches": embed.batches,
             "estimated_cost_usd": round(embed.tokens * self.cost_per_million / 1_000_000, 6),
+            "oversize": len(self.prepared.oversize),
         }
 
     def _skipped(self) -> list[dict[str, str]]:

@@ -93,10 +93,5 @@ def count_cl100k(texts: Sequence[str]) -> list[int]:
     return [len(ids) for ids in encoded]
 
 
-def approximate_tokens(text: str) -> int:
-    """About one token per four UTF-8 bytes, and never fewer than the words."""
-    return max(len(text.split()), (len(text.encode()) + 3) // 4)
-
-
 def empty_vectors(dimensions: int) -> Vectors:
     return np.zeros((0, dimensions), dtype=np.float32)

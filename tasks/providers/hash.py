@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from config.settings import Settings, model_key
-from tasks.providers.base import Vectors, approximate_tokens, empty_vectors, truncate_tokens
+from tasks.providers.base import Vectors, count_cl100k, empty_vectors, truncate_tokens
 
 
 class HashEmbedder:
@@ -32,7 +32,8 @@ class HashEmbedder:
         return truncate_tokens(text, self.max_input_tokens)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [approximate_tokens(text) for text in texts]
+        """cl100k, as it truncates: the chunker's own count, so the cap changes nothing here."""
+        return count_cl100k(texts)
 
     async def aclose(self) -> None:
         return None

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -155,8 +154,6 @@ class DaskShards:
     task: Any
     prefect: bool
     workers_seen: int = 0
-    coordination_seconds: list[float] = field(default_factory=list)
-    """Per shard: wall time from submission to result, less the shard's own time."""
 
     def __call__(self, shards: Sequence[Any], prepare: Callable[[Any], Any]) -> list[Any]:
         if not shards:
@@ -187,9 +184,8 @@ def _shard_call(runner: DaskShards, shard: Any) -> dict[str, Any]:
 def _run_plain(runner: DaskShards, shards: Sequence[Any]) -> list[Any]:
     with _client(runner.choice) as client:
         runner.workers_seen = len(client.scheduler_info(n_workers=-1)["workers"])
-        started = time.perf_counter()
         futures = [client.submit(runner.task.fn, pure=False, **_shard_call(runner, s)) for s in shards]
-        return _gather(runner, futures, started, lambda future: future.result())
+        return _gather(runner, futures, lambda future: future.result())
 
 
 def _run_with_prefect(runner: DaskShards, shards: Sequence[Any]) -> list[Any]:
@@ -198,24 +194,17 @@ def _run_with_prefect(runner: DaskShards, shards: Sequence[Any]) -> list[Any]:
     api_url = _flow_api_url(runner.choice)
     with temporary_settings({PREFECT_API_URL: api_url}), _task_runner(runner.choice, api_url) as task_runner:
         runner.workers_seen = len(task_runner.client.scheduler_info(n_workers=-1)["workers"])
-        started = time.perf_counter()
         # Not quoted: Dask would unpack Prefect's quote (a tuple) on the way to the worker.
         futures = [task_runner.submit(runner.task, _shard_call(runner, s)) for s in shards]
-        return _gather(runner, futures, started, lambda future: future.result())
+        return _gather(runner, futures, lambda future: future.result())
 
 
-def _gather(
-    runner: DaskShards, futures: Sequence[Any], started: float, result: Callable[[Any], Any]
-) -> list[Any]:
+def _gather(runner: DaskShards, futures: Sequence[Any], result: Callable[[Any], Any]) -> list[Any]:
     """Each shard's result in order; a lost cluster becomes a ClusterError, a shard's error stays."""
     results = []
     try:
         for future in futures:
-            stats = result(future)
-            results.append(stats)
-            own = sum(getattr(stats, "shard_seconds", []) or [0.0])
-            runner.coordination_seconds.append(max(0.0, time.perf_counter() - started - own))
-            started = time.perf_counter()
+            results.append(result(future))
     except BaseException as exc:
         for future in futures:
             getattr(future, "wrapped_future", future).cancel()  # a PrefectDaskFuture wraps Dask's

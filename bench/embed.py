@@ -114,7 +114,7 @@ def run_once(
         started = time.perf_counter()
         await embed_items(embedder, items, policy, on_batch, stats=stats)
         seconds = time.perf_counter() - started
-        await embedder._client().close()  # the loop's HTTP pool, closed before the loop is
+        await embedder.aclose()  # the loop's HTTP pool, closed before the loop is
         return seconds
 
     return asyncio.run(embed_all()), stats, delivered

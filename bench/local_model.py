@@ -1,31 +1,32 @@
-"""The sentence-transformers provider inside the pipeline against a bare `model.encode`.
+"""The local model in fp32 and in bf16, each inside the pipeline and as a bare `model.encode`.
 
 Pages of a real corpus (rust-book: chunks of many lengths) are taken until
-`--chunks` chunks. The same loaded all-MiniLM-L6-v2 model serves:
+`--chunks` chunks. For each precision one loaded all-MiniLM-L6-v2 serves:
 
 - bare: `model.encode(texts, batch_size=B, normalize_embeddings=True)` on the
-  embed texts the pipeline makes of those pages (title, headings, body), all at once.
-- provider: `embed_items` with `SentenceTransformerEmbedder` (the pipeline's
-  batching: `embed_batch_inputs` texts per call, the length check of `prepare`,
-  a worker thread), no database.
-- pipeline: `run_ingest` end to end on those pages into a fresh database
-  (walk, chunk, cache lookups, embed, cache writes, load, index, vacuum).
+  embed texts the pipeline makes of those pages (title, headings, body), all at
+  once; for bf16 inside `torch.autocast(device, dtype=torch.bfloat16)`.
+- pipeline: `run_ingest` end to end on those pages into a fresh database (walk,
+  chunk, cache lookups, embed, cache writes, load, index, vacuum), with the
+  provider's own batching (256 texts a call, one tokenization per call).
 
-Throughput is chunks per second; medians of repeats, side by side.
+Throughput is chunks per second; medians of repeats, side by side. The closing
+line gives bf16 over fp32, the pipeline over a bare encode at the same
+precision, and the smallest cosine between the bf16 and fp32 vectors.
 
     python bench/local_model.py                  # 300 chunks, 3 repeats
-    python bench/local_model.py --chunks 1000 --batch-size 64 --batch-inputs 128
+    python bench/local_model.py --chunks 1000 --batch-size 64
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from common import (
     CORPORA,
     Samples,
@@ -39,14 +40,15 @@ from common import (
     server_url,
 )
 
-from config.settings import Settings
+from config.settings import LocalPrecision, Settings
 from flows.ingest import run_ingest
 from tasks.chunk import chunk_document
 from tasks.discover import read_document, walk_source
-from tasks.embed import EmbedItem, EmbedPolicy, SentenceTransformerEmbedder, embed_items
+from tasks.embed import SentenceTransformerEmbedder
 from tasks.records import FoundFile
 
 MODEL = "all-MiniLM-L6-v2"
+PRECISIONS: tuple[LocalPrecision, ...] = ("fp32", "bf16")
 
 
 def pick_pages(corpus: Path, chunks: int, cap: int, work: Path) -> tuple[Path, list[str]]:
@@ -69,14 +71,8 @@ def pick_pages(corpus: Path, chunks: int, cap: int, work: Path) -> tuple[Path, l
     return root, texts
 
 
-def settings_for(url: str, args: argparse.Namespace) -> Settings:
-    return bench_settings(
-        url,
-        384,
-        embedding_provider="sentence-transformers",
-        embedding_model=MODEL,
-        embed_batch_inputs=args.batch_inputs,
-    )
+def settings_for(url: str) -> Settings:
+    return bench_settings(url, 384, embedding_provider="sentence-transformers", embedding_model=MODEL)
 
 
 def main() -> None:
@@ -86,67 +82,71 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="encode batch size of the provider and the bare call"
-    )
-    parser.add_argument(
-        "--batch-inputs", type=int, default=128, help="embed_batch_inputs: texts per provider call"
+        "--batch-size", type=int, default=64, help="forward batch of the provider and the bare call"
     )
     parser.add_argument("--corpus", type=Path, default=CORPORA / "rust-book")
     args = parser.parse_args()
     import torch
 
-    embedder = SentenceTransformerEmbedder(MODEL, 384, batch_size=args.batch_size)
+    embedders: dict[str, SentenceTransformerEmbedder] = {
+        precision: SentenceTransformerEmbedder(MODEL, 384, batch_size=args.batch_size, precision=precision)
+        for precision in PRECISIONS
+    }
     work = Path(tempfile.mkdtemp(prefix="ragingest-bench-model-"))
-    root, texts = pick_pages(args.corpus, args.chunks, embedder.max_input_tokens, work)
+    root, texts = pick_pages(args.corpus, args.chunks, embedders["fp32"].max_input_tokens, work)
     admin = server_url()
     note(
         f"{len(texts)} chunks of {args.corpus.name}; torch threads {torch.get_num_threads()},"
-        f" encode batch_size {args.batch_size}, embed_batch_inputs {args.batch_inputs},"
-        f" max_seq_length {embedder.max_input_tokens}"
+        f" capability {torch.backends.cpu.get_cpu_capability()}, forward batch {args.batch_size},"
+        f" max_seq_length {embedders['fp32'].max_input_tokens}"
     )
-    embedder.model.encode(texts[:16], batch_size=args.batch_size)  # warm-up, untimed
-    policy = EmbedPolicy.from_settings(settings_for("", args), embedder)
-    items = [EmbedItem(bytes(n.to_bytes(8, "big")), text, 0) for n, text in enumerate(texts)]
-    samples = {
-        name: Samples(name) for name in ("bare encode", "provider (embed_items)", "pipeline (run_ingest)")
-    }
+    vectors = {p: e.encode(texts) for p, e in embedders.items()}  # loads and warms both, untimed
+    min_cosine = float(np.min(np.sum(vectors["fp32"] * vectors["bf16"], axis=1)))
+    samples = {f"{kind} {p}": Samples(f"{kind} {p}") for kind in ("bare", "pipeline") for p in PRECISIONS}
     written: list[int] = []
 
-    def bare() -> None:
-        embedder.model.encode(
-            texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True
-        )
+    def bare(precision: str) -> None:
+        model = embedders[precision].model
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        with autocast:
+            model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
-    def provider() -> None:
-        asyncio.run(embed_items(embedder, items, policy, lambda hashes, vectors: None))
-
-    def pipeline() -> None:
+    def pipeline(precision: str) -> None:
         url = create_database(admin, "bench_model")
-        summary = run_ingest(settings_for(url, args), root, embedder_factory=lambda model, s: embedder)
+        embedder = embedders[precision]
+        summary = run_ingest(settings_for(url), root, embedder_factory=lambda model, s: embedder)
         drop_database(admin, "bench_model")
         written.append(summary["embeddings"]["embedded"])
 
-    variants = {"bare encode": bare, "provider (embed_items)": provider, "pipeline (run_ingest)": pipeline}
     try:
         for turn in range(args.repeats):
-            for name in rotated(list(variants), turn):
+            for name in rotated(list(samples), turn):
+                kind, precision = name.split()
                 started = time.perf_counter()
-                variants[name]()
+                (bare if kind == "bare" else pipeline)(precision)
                 samples[name].seconds.append(time.perf_counter() - started)
                 note(f"   {name}: {samples[name].seconds[-1]:.2f}s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    count = written[-1]
-    bare_rate = len(texts) / samples["bare encode"].median
-    rows = []
-    for name, sample in samples.items():
-        n = len(texts) if name != "pipeline (run_ingest)" else count
-        rows.append((name, sample.median, n / sample.median, n / sample.median / bare_rate, sample.spread()))
-    print_table(["variant", "median s", "chunks/s", "x bare", "range s"], rows)
+    report(samples, len(texts), written[-1], min_cosine)
+
+
+def report(samples: dict[str, Samples], texts: int, written: int, min_cosine: float) -> None:
+    def rate(name: str) -> float:
+        return (written if name.startswith("pipeline") else texts) / samples[name].median
+
+    rows = [
+        (name, s.median, rate(name), rate(name) / rate("bare fp32"), s.spread())
+        for name, s in samples.items()
+    ]
+    print_table(["variant", "median s", "chunks/s", "x bare fp32", "range s"], rows)
     print_ratios(
         {
-            "pipeline_vs_bare": count / samples["pipeline (run_ingest)"].median / bare_rate,
-            "provider_vs_bare": len(texts) / samples["provider (embed_items)"].median / bare_rate,
+            "bf16_vs_fp32_pipeline": rate("pipeline bf16") / rate("pipeline fp32"),
+            "bf16_vs_fp32_bare": rate("bare bf16") / rate("bare fp32"),
+            "pipeline_vs_bare_fp32": rate("pipeline fp32") / rate("bare fp32"),
+            "pipeline_vs_bare_bf16": rate("pipeline bf16") / rate("bare bf16"),
+            "min_cosine_bf16_fp32": f"{min_cosine:.6f}",
         }
     )
 

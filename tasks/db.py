@@ -42,7 +42,7 @@ class DatabaseConnectionError(Exception):
     """
 
     def __init__(self, url: str, reason: str, hint: str = "") -> None:
-        self.url, self.reason, self.hint = mask_url(url, url), mask_url(reason, url), hint
+        self.url, self.reason, self.hint = mask_url(url, url), mask_url(reason.strip(), url), hint
         super().__init__(f"DATABASE_URL {self.url}: {self.reason}{hint}")
 
 

@@ -102,15 +102,21 @@ class _RaiseOnSigterm:
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """While inside, SIGTERM raises `Terminated` (main thread only; elsewhere nothing changes)."""
+    """While inside, SIGTERM raises `Terminated` (main thread only; elsewhere nothing changes).
+
+    Once it has fired, the handler stays, ignoring further SIGTERMs, so the cleanup that runs
+    as the process exits (atexit: the temporary Prefect server, the embedded Postgres) finishes.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _RaiseOnSigterm())
+    handler = _RaiseOnSigterm()
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not handler.fired:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

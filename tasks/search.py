@@ -62,8 +62,10 @@ DEFAULT_EF_SEARCH = 40
 """pgvector's own default for `hnsw.ef_search`."""
 DEFAULT_DEPTH = 50
 """Candidates each mode hands to the fusion: chunks, or pages when grouping by page."""
-MAX_CANDIDATES = 2_000
-"""Most chunks one mode fetches while filling its pages."""
+MAX_EF_SEARCH = 1_000
+"""pgvector's upper bound for `hnsw.ef_search`."""
+MAX_CANDIDATES = MAX_EF_SEARCH
+"""Most chunks one mode fetches while filling its pages (the most one HNSW scan returns)."""
 MAX_QUERY_CHARS = 10_000
 """Longest query text a search takes (Postgres refuses a tsvector over 1 MB long before that)."""
 DEFAULT_IDENTIFIER_WEIGHT = 2.0
@@ -270,7 +272,8 @@ def vector_search(
     params.update(vector=Vector(np.asarray(vector, dtype=np.float32)), limit=limit)
     with conn.transaction():
         # The index returns at most ef_search candidates unless it scans on.
-        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(max(ef_search, limit)),))
+        ef = min(max(ef_search, limit), MAX_EF_SEARCH)
+        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
         if not filters.empty and supports_iterative_scan(conn):
             conn.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)")
         rows = conn.execute(query, params).fetchall()

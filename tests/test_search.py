@@ -164,6 +164,22 @@ def test_ef_search_is_set_for_the_query_only(reader: Connection) -> None:
     assert before == after == ("40",)  # pgvector's default, untouched outside the query
 
 
+def test_a_limit_past_pgvectors_ef_search_bound_still_searches(reader: Connection) -> None:
+    _, vector = stored_vector(reader, "guides/deploy.md", "Rollback")
+    everything = reader.execute("SELECT count(*) FROM chunks").fetchone()
+    assert everything is not None
+    assert len(vector_search(reader, model(reader), vector, limit=1500)) == everything[0]
+    # Asking for more pages than there are fetches up to the bound, then returns them all.
+    pages = search_pages(
+        reader,
+        "rollback",
+        options=SearchOptions(mode="hybrid", k=10, group_by="page"),
+        model=model(reader),
+        vector=vector,
+    )
+    assert len(pages) == len(PAGES)
+
+
 def test_min_score_drops_weak_vector_hits(reader: Connection) -> None:
     chunk_id, vector = stored_vector(reader, "guides/deploy.md", "Rollback")
     found = model(reader)

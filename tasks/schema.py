@@ -409,10 +409,33 @@ def repair_schema(conn: Connection, folder: Path = SQL_DIR) -> RepairReport:
         left = [p for p in _problems(conn, expected, schema) if p.repairable]
         if left:
             raise SchemaRepairFailed(left[0].message, "still missing after the repair")
+        rebuilt = rebuild_model_indexes(conn)
     return RepairReport(
-        repaired=[p for p in problems if p.repairable and p.shown],
+        repaired=[p for p in problems if p.repairable and p.shown] + rebuilt,
         refused=[p for p in problems if p.refusal is not None],
     )
+
+
+def rebuild_model_indexes(conn: Connection) -> list[SchemaProblem]:
+    """Build the missing or INVALID HNSW index of each ready or active model whose column exists.
+
+    A backfilling model's index is left to its backfill, which builds it when the column is full.
+    """
+    from tasks.db import index_validity
+    from tasks.registry import chunk_columns, create_hnsw_index, drop_hnsw_index, list_models
+
+    indexes, columns = index_validity(conn), set(chunk_columns(conn))
+    rebuilt = []
+    for model in list_models(conn):
+        valid = indexes.get(model.index_name)
+        if model.status not in ("ready", "active") or model.column_name not in columns or valid:
+            continue
+        if valid is False:
+            drop_hnsw_index(conn, model)
+        create_hnsw_index(conn, model)
+        state = "is missing" if valid is None else "is INVALID (rebuild it)"
+        rebuilt.append(SchemaProblem(f"index {model.index_name} of model {model.slug} {state}"))
+    return rebuilt
 
 
 def _run_repairs(conn: Connection, schema: str, problems: Sequence[SchemaProblem]) -> None:

@@ -195,3 +195,18 @@ def test_verify_leaves_no_scratch_schema_and_changes_nothing(conn: Connection) -
     assert conn.execute("SELECT count(*) FROM pg_class").fetchone() == before
     leftovers = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'ragingest_expected_%'")
     assert leftovers.fetchone() == (0,)
+
+
+def test_a_models_hnsw_index_is_named_and_rebuilt(
+    env: None, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kb = write_tree(tmp_path / "kb", dict(PAGES))
+    assert ingest_json(capsys, kb)[0] == 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP INDEX chunks_emb_test_64_hnsw")
+    named = "index chunks_emb_test_64_hnsw of model test_64 is missing"
+    code, out = run_cli(capsys, "db", "verify")
+    assert code == 1 and named in out
+    code, out = run_cli(capsys, "db", "migrate", "--repair")
+    assert code == 0 and f"repaired: {named}" in out, out
+    assert run_cli(capsys, "db", "verify") == (0, "schema ok\n")

@@ -561,6 +561,31 @@ def test_bulk_load_run_by_a_worker_loads_rows_publishes_the_summary_and_persists
 
 
 @pytest.mark.prefect
+def test_a_malformed_database_url_fails_the_run_with_its_password_masked(
+    deployed: PrefectServer, tmp_path: Path
+) -> None:
+    """The worker's DATABASE_URL is a SQLAlchemy URL: the run fails, and neither its state
+    message nor any log line the server keeps shows the password."""
+    kb = write_tree(tmp_path / "kb", dict(PAGES))
+    flow_run_id = start_run(deployed, "bulk-load/bulk-load", hash_parameters(kb))
+    log = tmp_path / "worker.log"
+    env = deployed.env(DATABASE_URL=f"postgresql+psycopg://ragingest:{DB_PASSWORD}@127.0.0.1:5432/kb")
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", "ragingest", "--run-once"]
+    with background(command, env, log) as worker:
+        try:
+            worker.wait(timeout=RUN_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker did not finish in {RUN_SECONDS:.0f} s:\n{tail(log)}")
+
+    run = call(deployed, lambda client: client.read_flow_run(flow_run_id))
+    assert run.state.is_failed(), f"{run.state}\n{tail(log)}"
+    assert "postgresql+psycopg://ragingest:***@" in run.state.message
+    assert any("SQLAlchemy URL" in message for message in run_logs(deployed, flow_run_id))
+    assert DB_PASSWORD not in everything_stored(deployed)
+    assert DB_PASSWORD not in log.read_text(errors="replace")
+
+
+@pytest.mark.prefect
 def test_ragingest_serve_runs_a_bulk_load_triggered_through_the_api(
     deployed: PrefectServer, database_url: str, conn: Connection, tmp_path: Path
 ) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow
-from prefect.client.schemas.objects import State
 
 from config.settings import Settings
 from flows.params import (
@@ -178,7 +177,7 @@ def ingest(
     settings_overrides: SettingsOverrides | None = None,
     workers: Workers = None,
     cluster: ClusterAddress = None,
-) -> Summary | State[Summary]:
+) -> Summary:
     """Sync a folder of Markdown into Postgres + pgvector, embedding only what changed.
 
     Args:
@@ -233,7 +232,7 @@ def bulk_load(
     settings_overrides: SettingsOverrides | None = None,
     workers: Workers = None,
     cluster: ClusterAddress = None,
-) -> Summary | State[Summary]:
+) -> Summary:
     """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE.
 
     The same sync as `ingest`, with the index strategy forced to `drop`. It is a flow of its
@@ -281,10 +280,11 @@ def _sync_from_flow(
     profile: str | None,
     settings_overrides: SettingsOverrides | None,
     **choices: Any,
-) -> Summary | State[Summary]:
+) -> Summary:
     """The body both sync flows share: check the folder, build the settings, run the stages as tasks.
 
-    Returns the summary, or a state that shows file failures (see `tasks.outcome.final_state`).
+    With file failures it returns a state that shows them (`tasks.outcome.final_state`); Prefect
+    unwraps it, so a caller still gets the summary, or `FilesFailed` raised when every file failed.
     """
     folder = existing_folder(source)
     settings = run_settings(profile, settings_overrides, **choices)
@@ -296,4 +296,4 @@ def _sync_from_flow(
         runner=run_as_task,
         shard_runner=shard_runner_for(settings, prepare_stage, prefect=True) or shards_in_order,
     )
-    return final_state(summary)
+    return cast(Summary, final_state(summary))

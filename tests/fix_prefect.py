@@ -149,6 +149,15 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             drain_client_services()
 
 
+@pytest.fixture(scope="module")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's temporary in-process server, for tests that call a flow directly."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=READY_SECONDS):
+        yield
+
+
 def drain_client_services() -> None:
     """Flush and stop this process's Prefect event and log workers while the server still answers.
 

@@ -427,11 +427,10 @@ def test_gate_reads_thresholds_and_a_baseline_together(tmp_path: Path) -> None:
 
 @pytest.mark.prefect
 def test_evaluate_flow_publishes_a_table_and_fails_under_a_threshold(
-    kb: Path, cases_file: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+    kb: Path, cases_file: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.evaluate import evaluate
 
@@ -441,36 +440,35 @@ def test_evaluate_flow_publishes_a_table_and_fails_under_a_threshold(
         "embedding_model": "test",
         "embedding_dimensions": 64,
     }
-    with prefect_test_harness(server_startup_timeout=120):
-        state = evaluate(
-            cases=str(cases_file), modes=["lexical"], k=3, settings_overrides=overrides, return_state=True
-        )
-        assert state.is_completed()
-        report: dict[str, Any] = state.result()
-        assert report["results"][0]["mrr"] == 0.75
-        flow_run_id = state.state_details.flow_run_id
+    state = evaluate(
+        cases=str(cases_file), modes=["lexical"], k=3, settings_overrides=overrides, return_state=True
+    )
+    assert state.is_completed()
+    report: dict[str, Any] = state.result()
+    assert report["results"][0]["mrr"] == 0.75
+    flow_run_id = state.state_details.flow_run_id
 
-        async def artifacts() -> list[Any]:
-            async with get_client() as client:
-                found = await client.read_artifacts(
-                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-metrics"]))
-                )
-                return [a for a in found if a.flow_run_id == flow_run_id]
+    async def artifacts() -> list[Any]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-metrics"]))
+            )
+            return [a for a in found if a.flow_run_id == flow_run_id]
 
-        (table,) = asyncio.run(artifacts())
-        assert table.type == "table" and '"mrr": 0.75' in str(table.data)
+    (table,) = asyncio.run(artifacts())
+    assert table.type == "table" and '"mrr": 0.75' in str(table.data)
 
-        failed = evaluate(
-            cases=str(cases_file),
-            modes=["lexical"],
-            k=3,
-            settings_overrides=overrides,
-            fail_under={"mrr": 0.9},
-            return_state=True,
-        )
-        assert failed.is_failed()
-        with pytest.raises(QualityGateFailed, match="mrr 0.7500 is under 0.9"):
-            failed.result()
+    failed = evaluate(
+        cases=str(cases_file),
+        modes=["lexical"],
+        k=3,
+        settings_overrides=overrides,
+        fail_under={"mrr": 0.9},
+        return_state=True,
+    )
+    assert failed.is_failed()
+    with pytest.raises(QualityGateFailed, match="mrr 0.7500 is under 0.9"):
+        failed.result()
 
 
 # --- the docs-qa fixture, without the model ---------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +13,8 @@ from tests.test_ingest import PAGES, write_tree
 pytestmark = pytest.mark.prefect
 
 
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_ingest_flow_runs_named_tasks_and_publishes_artifacts(
-    prefect_server: None, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prefect_harness: None, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -57,7 +48,14 @@ def test_ingest_flow_runs_named_tasks_and_publishes_artifacts(
             return names, {a.key: a for a in artifacts if a.flow_run_id == flow_run_id}
 
     names, artifacts = asyncio.run(inspect())
-    assert names == ["discover", "load-and-index", "prepare-shard", "register-models", "report", "vacuum-analyze"]
+    assert names == [
+        "discover",
+        "load-and-index",
+        "prepare-shard",
+        "register-models",
+        "report",
+        "vacuum-analyze",
+    ]
     table = artifacts["ingest-summary"]
     assert table.type == "table"
     assert '"documents.new"' in str(table.data) and "ingest-failures" in artifacts

@@ -40,6 +40,7 @@ from tasks.tokens import (
     count_tokens,
     encode,
     remembered_counts,
+    separable_prefix,
     token_lengths,
 )
 
@@ -307,20 +308,22 @@ def _header(title: str, heading_path: Sequence[str]) -> str:
     return "\n".join(part for part in (title.strip(), breadcrumb) if part)
 
 
-def _header_cost(header: str) -> int:
-    """Tokens the header and its blank line take from the cap."""
-    return count_lines(header + "\n\n") if header else 0
+def _header_cost(header: str, ceiling: int | None = None) -> int:
+    """Tokens the header and its blank line take from the cap (some number over `ceiling` if over it)."""
+    return count_lines(header + "\n\n", ceiling=ceiling) if header else 0
 
 
 def _fitted_header(title: str, heading_path: Sequence[str], cap: int) -> str:
     """The header, with title and breadcrumb cut short if it would take over half the cap."""
     header = _header(title, heading_path)
     limit = cap // 2
-    if _header_cost(header) <= limit:
+    if _header_cost(header, ceiling=limit) <= limit:
         return header
     title = title.strip()
     breadcrumb = _header("", heading_path)
-    title_tokens, breadcrumb_tokens = count_lines(title), count_lines(breadcrumb)
+    # Only counts up to `available` (below `limit`) change the shares below.
+    title_tokens = count_lines(title, ceiling=limit)
+    breadcrumb_tokens = count_lines(breadcrumb, ceiling=limit)
     available = limit - 3
     while available > 0:
         title_share = min(title_tokens, max(available // 2, available - breadcrumb_tokens))
@@ -339,6 +342,7 @@ def _truncate_to_tokens(text: str, limit: int) -> str:
     """The longest prefix of `text` within `limit` tokens that ends on a whole character."""
     if limit <= 0:
         return ""
+    text = separable_prefix(text, limit)  # the same cut, from fewer tokens
     memory = _truncations.get()
     if memory is None:
         return _truncated(text, limit)

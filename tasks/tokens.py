@@ -79,17 +79,47 @@ def remembered_counts() -> Iterator[None]:
             _remembered.reset(reset)
 
 
-def count_lines(text: str) -> int:
-    """`count_tokens(text)`, summed over stretches of lines, remembered where `remembered_counts` is on."""
+def count_lines(text: str, *, ceiling: int | None = None) -> int:
+    """`count_tokens(text)`, summed over stretches of lines, remembered where `remembered_counts` is on.
+
+    With a `ceiling`, the sum may stop once it is over it: the number is then
+    some count above the ceiling, not the exact one.
+    """
     memory = _remembered.get()
     if memory is None:
         return count_tokens(text)
+    known = memory.get(text)
+    if known is not None:
+        return known
     total = start = 0
     for cut in _SEPARABLE.finditer(text):
         end = cut.start() if cut.group() == " " else cut.end()
         total += _remembered_count(memory, text[start:end])
+        if ceiling is not None and total > ceiling:
+            return total
         start = end
-    return total + _remembered_count(memory, text[start:])
+    total += _remembered_count(memory, text[start:])
+    memory[text] = total
+    return total
+
+
+def separable_prefix(text: str, limit: int) -> str:
+    """The shortest prefix of `text` ending where counts add up and holding over `limit` tokens; else `text`.
+
+    Its tokens are the first tokens of `text`, so `text` cut to `limit` tokens is
+    that prefix cut to `limit` tokens.
+    """
+    memory = _remembered.get()
+    if memory is None:
+        return text
+    total = start = 0
+    for cut in _SEPARABLE.finditer(text):
+        end = cut.start() if cut.group() == " " else cut.end()
+        total += _remembered_count(memory, text[start:end])
+        if total > limit:
+            return text[:end]
+        start = end
+    return text
 
 
 def _remembered_count(memory: dict[str, int], text: str) -> int:

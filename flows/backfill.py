@@ -15,6 +15,7 @@ from tasks.backfill import (
     activate,
     build_index,
     check_existing,
+    count_over_limit,
     estimate,
     fill_column,
     hold_backfill_lock,
@@ -23,7 +24,7 @@ from tasks.backfill import (
     validate_request,
 )
 from tasks.db import connect, connect_migrated, database_url, index_validity
-from tasks.embed import Embedder, make_embedder
+from tasks.embed import Embedder, TerminalEmbeddingError, make_embedder
 from tasks.index import vacuum_analyze
 from tasks.registry import EmbeddingModel, find_model, register_model, slug_for
 from tasks.stage import ProgressReporter, StageRunner, run_as_task, run_plain, stage_task
@@ -80,7 +81,10 @@ def run_backfill(
         check_existing(conn, existing, precision)
         if dry_run:
             live = existing if existing is not None and existing.status != "retired" else None
-            return _dry_run_summary(conn, live, settings, provider, model, dimensions)
+            key = model_key(provider, model, dimensions)
+            return _dry_run_summary(
+                conn, live, settings, key, embedder or _counter(provider, model, dimensions, settings)
+            )
         embedder = embedder or make_embedder(provider, model, dimensions, settings)
         name = existing.slug if existing is not None else slug_for(model, dimensions)
         hold_backfill_lock(conn, model_key(provider, model, dimensions), name)
@@ -138,15 +142,27 @@ def _summary(
 
 
 def _dry_run_summary(
-    conn: Any, existing: EmbeddingModel | None, settings: Settings, provider: str, model: str, dimensions: int
+    conn: Any, existing: EmbeddingModel | None, settings: Settings, key: str, embedder: Embedder | None
 ) -> dict[str, Any]:
     plan = estimate(conn, existing, settings.cost_per_million_tokens)
     return {
         "dry_run": True,
-        "model": _describe(existing) if existing else {"model_key": f"{provider}:{model}:{dimensions}"},
+        "model": _describe(existing) if existing else {"model_key": key},
         "rows": {"to_fill": plan.rows},
-        "embeddings": {"tokens": plan.tokens, "estimated_cost_usd": plan.estimated_cost_usd},
+        "embeddings": {
+            "tokens": plan.tokens,
+            "estimated_cost_usd": plan.estimated_cost_usd,
+            "truncated": None if embedder is None else count_over_limit(conn, existing, embedder),
+        },
     }
+
+
+def _counter(provider: str, model: str, dimensions: int, settings: Settings) -> Embedder | None:
+    """The model's embedder for counting its tokens; None where it cannot be made (no API key)."""
+    try:
+        return make_embedder(provider, model, dimensions, settings)
+    except TerminalEmbeddingError:
+        return None
 
 
 def _describe(model: EmbeddingModel) -> dict[str, Any]:

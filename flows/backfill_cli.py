@@ -70,12 +70,14 @@ def _format_backfill(summary: dict[str, Any]) -> str:
     if summary["dry_run"]:
         return (
             f"dry run for {model['model_key']}: {rows['to_fill']} rows to fill, "
-            f"{embeddings['tokens']} tokens, ~${embeddings['estimated_cost_usd']:.4f}"
+            f"{embeddings['tokens']} tokens, ~${embeddings['estimated_cost_usd']:.4f}; "
+            f"{embeddings['truncated'] if embeddings['truncated'] is not None else 'unknown (no model)'}"
+            " chunks over the model's input limit would be cut"
         )
     return (
         f"{model['slug']} ({model['model_key']}, {model['precision']}) is {model['status']}: "
         f"{rows['filled']} rows filled, {rows['remaining']} remaining; {embeddings['embedded']} embedded, "
-        f"{embeddings['cache_hits']} from the cache; "
+        f"{embeddings['cache_hits']} from the cache, {embeddings['truncated']} cut to the model's limit; "
         f"index {'valid' if summary['index']['valid'] else 'MISSING'}"
     )
 

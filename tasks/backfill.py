@@ -152,6 +152,28 @@ def estimate(conn: Connection, model: EmbeddingModel | None, cost_per_million: f
     return BackfillEstimate(rows, tokens, round(tokens * cost_per_million / 1_000_000, 6))
 
 
+def count_over_limit(
+    conn: Connection, model: EmbeddingModel | None, embedder: Embedder, *, page: int = 2000
+) -> int:
+    """Chunks still to fill whose embed text is over the embedder's input limit, in its own tokens.
+
+    A model with a smaller input than the one the chunks were cut for embeds only their
+    start; the dry run says how many before anything is spent.
+    """
+    where: sql.Composable = sql.SQL("")
+    if model is not None:
+        where = sql.SQL(" AND {} IS NULL").format(sql.Identifier(model.column_name))
+    query = sql.SQL(
+        "SELECT id, metadata ->> 'embed_header', content FROM chunks WHERE id > %s{} ORDER BY id LIMIT %s"
+    ).format(where)
+    over, after = 0, 0
+    while rows := conn.execute(query, (after, page)).fetchall():
+        texts = [join_embed_text(header or "", content) for _, header, content in rows]
+        over += sum(1 for count in embedder.count_tokens(texts) if count > embedder.max_input_tokens)
+        after = rows[-1][0]
+    return over
+
+
 def hold_backfill_lock(conn: Connection, model_key: str, name: str) -> None:
     """One backfill per model at a time: a second one is refused at once.
 

@@ -108,3 +108,29 @@ def test_a_range_fills_only_its_own_rows(settings: Any, conn: Connection, model:
 
     assert stats.rows_filled == second.rows and stats.batches == -(-second.rows // 7)
     assert all(first.lo <= i < first.hi for i in null_ids(conn)) and len(null_ids(conn)) == first.rows
+
+
+def test_a_dry_run_counts_the_chunks_a_smaller_model_would_cut(database_url: str, tmp_path: Path) -> None:
+    """A backfill to a model with a smaller input limit says, before spending, how many chunks it cuts."""
+    from flows.backfill import run_backfill
+    from tasks.providers.hash import HashEmbedder
+
+    class SmallInput(HashEmbedder):
+        max_input_tokens = 40
+
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "long.md").write_text("# Long\n\n" + "word " * 300 + "\n", encoding="utf-8")
+    (kb / "short.md").write_text("# Short\n\nA few words.\n", encoding="utf-8")
+    settings = make_settings(database_url)
+    ingest_summary = run_ingest(settings, kb)
+    assert ingest_summary["chunks"]["total"] >= 2
+    summary = run_backfill(
+        settings,
+        provider="hash",
+        model="small",
+        dimensions=32,
+        dry_run=True,
+        embedder=SmallInput("small", 32),
+    )
+    assert summary["dry_run"] and summary["embeddings"]["truncated"] == 1

@@ -33,6 +33,7 @@ from config.settings import Settings
 from tasks.embed import Embedder, make_embedder
 from tasks.registry import EmbeddingModel
 from tasks.report import Execution
+from tasks.stage import prefect_task
 
 RunnerKind = Literal["in-process", "dask-local", "dask"]
 Workers = Annotated[int, Field(ge=1, le=256)] | None
@@ -40,6 +41,8 @@ Workers = Annotated[int, Field(ge=1, le=256)] | None
 ClusterAddress = Annotated[str, Field(pattern=r"^(tcp|tls)://\S+$")] | None
 """Flow parameter: the scheduler of an existing Dask cluster; empty keeps RAGINGEST_DASK_ADDRESS."""
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", ""})
+IMPORTABLE_PACKAGES = frozenset({"flows", "tasks", "config", "__main__"})
+"""Top-level packages a worker imports by name; a flow module outside them is sent by value."""
 
 _embedders: dict[tuple[Any, ...], Embedder] = {}
 _embedders_lock = threading.Lock()
@@ -192,10 +195,11 @@ def _run_with_prefect(runner: DaskShards, shards: Sequence[Any]) -> list[Any]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     api_url = _flow_api_url(runner.choice)
+    _send_flow_module_by_value()
     with temporary_settings({PREFECT_API_URL: api_url}), _task_runner(runner.choice, api_url) as task_runner:
         runner.workers_seen = len(task_runner.client.scheduler_info(n_workers=-1)["workers"])
         # Not quoted: Dask would unpack Prefect's quote (a tuple) on the way to the worker.
-        futures = [task_runner.submit(runner.task, _shard_call(runner, s)) for s in shards]
+        futures = [task_runner.submit(prefect_task(runner.task), _shard_call(runner, s)) for s in shards]
         return _gather(runner, futures, lambda future: future.result())
 
 
@@ -284,6 +288,24 @@ def _task_runner(choice: RunnerChoice, api_url: str) -> Iterator[Any]:
         raise ClusterError(
             f"cannot reach the Dask scheduler{_at(choice)}: {exc}", address=choice.address
         ) from exc
+
+
+def _send_flow_module_by_value() -> None:
+    """Pickle the flow's module by value when no other process could import it by name.
+
+    A deployment loads `flows/ingest.py` as a top-level module named `ingest`; the flow
+    run context sent with every task refers to it, and the scheduler and workers, which
+    import `flows.ingest`, would fail to unpickle the task graph.
+    """
+    import sys
+
+    import cloudpickle
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    module = sys.modules.get(context.flow.fn.__module__) if context and context.flow else None
+    if module is not None and module.__name__.split(".")[0] not in IMPORTABLE_PACKAGES:
+        cloudpickle.register_pickle_by_value(module)
 
 
 def _flow_api_url(choice: RunnerChoice) -> str:

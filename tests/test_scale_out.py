@@ -8,6 +8,8 @@ Prefect API, so no worker starts a Prefect server of its own.
 
 from __future__ import annotations
 
+import bisect
+import json
 import os
 import shutil
 import subprocess
@@ -37,6 +39,17 @@ from tasks.runners import (
 from tests.conftest import CORPORA, TEMPLATE_DB, make_settings
 from tests.fake_openai import FakeEmbeddingsServer
 from tests.fix_dask import DaskCluster
+from tests.fix_prefect import (
+    BIN,
+    RUN_SECONDS,
+    PrefectServer,
+    api,
+    background,
+    call,
+    run_artifacts,
+    start_run,
+    tail,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -114,6 +127,11 @@ def verify(url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": url}
     command = [str(Path(sys.executable).parent / "ragingest"), "db", "verify"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def table_values(artifact: Any) -> dict[str, Any]:
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return {row["metric"]: row["value"] for row in rows}
 
 
 def worker_children(cluster: DaskCluster) -> list[str]:
@@ -299,4 +317,94 @@ def test_prefect_task_runs_on_the_cluster_start_no_server_on_the_workers(
     assert isinstance(summary, dict), summary
     assert (summary["execution"]["runner"], summary["execution"]["workers"]) == ("dask", 2)
     assert summary["chunks"]["written"] == counts(database_url)[1] > 500
+    assert worker_children(dask_cluster) == []
+
+
+# --- one API budget across the workers ---------------------------------------------------------
+
+
+def most_requests_in_a_second(server: FakeEmbeddingsServer) -> int:
+    starts = sorted(record.started for record in server.requests)
+    return max(bisect.bisect_right(starts, start + 1.0) - i for i, start in enumerate(starts))
+
+
+@pytest.mark.prefect
+def test_a_prefect_rate_limit_holds_across_the_workers(
+    dask_cluster: DaskCluster,
+    prefect_server: PrefectServer,
+    another_database: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Two workers, four requests in flight each: a limit of 1 slot decaying at 2/s holds them to
+    at most 1 + 2 requests in any second, counted where the requests arrive."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.ingest import ingest as ingest_flow
+
+    name = f"embed-rate-{uuid.uuid4().hex[:8]}"
+    create = GlobalConcurrencyLimitCreate(name=name, limit=1, slot_decay_per_second=2.0)
+    call(prefect_server, lambda client: client.create_global_concurrency_limit(create))
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    for page in sorted(RUST_BOOK.glob("ch0[4-6]*.md")):
+        shutil.copy(page, kb / page.name)
+    peaks: dict[str, int] = {}
+    for limit in (None, name):
+        with FakeEmbeddingsServer(dimensions=64, required_api_key=API_KEY) as server:
+            for variable, value in {
+                "DATABASE_URL": another_database(),
+                "EMBEDDING_PROVIDER": "openai",
+                "EMBEDDING_MODEL": "text-embedding-3-small",
+                "EMBEDDING_DIMENSIONS": "64",
+                "OPENAI_API_KEY": API_KEY,
+                "OPENAI_BASE_URL": server.base_url,
+                "RAGINGEST_EMBED_BATCH_INPUTS": "4",
+                "RAGINGEST_SHARD_BYTES": "16384",
+            }.items():
+                monkeypatch.setenv(variable, value)
+            if limit:
+                monkeypatch.setenv("RAGINGEST_EMBED_RATE_LIMIT", limit)
+            with api(prefect_server):
+                summary = ingest_flow(source=str(kb), source_name="kb", cluster=dask_cluster.address)
+            assert isinstance(summary, dict), summary
+            assert summary["execution"]["workers"] == 2 and summary["execution"]["shards"] > 2
+            assert server.request_count >= 20
+            peaks[limit or "none"] = most_requests_in_a_second(server)
+
+    assert peaks["none"] > 1 + 2
+    assert peaks[name] <= 1 + 2
+    used = call(prefect_server, lambda client: client.read_global_concurrency_limit_by_name(name))
+    assert used.name == name
+    assert worker_children(dask_cluster) == []
+
+
+# --- a deployment run on the cluster -----------------------------------------------------------
+
+
+@pytest.mark.prefect
+def test_a_deployment_run_with_the_cluster_parameter_prepares_on_the_cluster(
+    dask_cluster: DaskCluster, deployed: PrefectServer, database_url: str, tmp_path: Path
+) -> None:
+    parameters = {
+        "source": str(RUST_BOOK),
+        "source_name": "rust-book",
+        "provider": "hash",
+        "model": "test",
+        "dimensions": 64,
+        "cluster": dask_cluster.address,
+    }
+    flow_run_id = start_run(deployed, "bulk-load/bulk-load", parameters)
+    log = tmp_path / "worker.log"
+    env = deployed.env(DATABASE_URL=database_url, RAGINGEST_SHARD_BYTES=str(SHARD_BYTES))
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", "ragingest", "--run-once"]
+    with background(command, env, log) as worker:
+        worker.wait(timeout=RUN_SECONDS)
+
+    run = call(deployed, lambda client: client.read_flow_run(flow_run_id))
+    assert run.state.is_completed(), f"{run.state}\n{tail(log)}"
+    assert run.parameters["cluster"] == dask_cluster.address
+    summary = table_values(run_artifacts(deployed, flow_run_id)["ingest-summary"])
+    assert (summary["execution.runner"], summary["execution.workers"]) == ("dask", 2)
+    assert summary["chunks.written"] == counts(database_url)[1] > 500
     assert worker_children(dask_cluster) == []

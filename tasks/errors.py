@@ -17,7 +17,13 @@ TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     errors.AdminShutdown,
     errors.CrashShutdown,
     errors.CannotConnectNow,
+    # class 08, connection exception
     errors.ConnectionException,
+    errors.ConnectionDoesNotExist,
+    errors.ConnectionFailure,
+    errors.SqlclientUnableToEstablishSqlconnection,
+    errors.SqlserverRejectedEstablishmentOfSqlconnection,
+    errors.TransactionResolutionUnknown,
 )
 
 

@@ -7,8 +7,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from prefect import flow
-
 from config.settings import Settings
 from flows.params import (
     ENVIRONMENT,
@@ -37,7 +35,15 @@ from tasks.registry import EmbeddingModel
 from tasks.report import RunSummary, StageClock, Summary, publish_artifacts, record_summary
 from tasks.run import Run, ingest_models, open_run
 from tasks.runners import ClusterAddress, Workers, execution_of, shard_runner_for
-from tasks.stage import RunProgress, StageRunner, run_as_task, run_plain, stage_task
+from tasks.stage import (
+    RunProgress,
+    StageRunner,
+    deferred_flow,
+    flows_on_demand,
+    run_as_task,
+    run_plain,
+    stage_task,
+)
 
 EmbedderFactory = Callable[[EmbeddingModel, Settings], Embedder]
 ShardRunner = Callable[[Sequence[Shard], Callable[[Shard], PrepareStats]], list[PrepareStats]]
@@ -160,7 +166,7 @@ def _load(
     return runner(load_stage, run.pool, request, settings)
 
 
-@flow(name="ingest", log_prints=True, persist_result=False)
+@deferred_flow(name="ingest", log_prints=True, persist_result=False)
 def ingest(
     source: SourcePath,
     full_refresh: bool = False,
@@ -216,7 +222,7 @@ def ingest(
     )
 
 
-@flow(name="bulk-load", log_prints=True, persist_result=False)
+@deferred_flow(name="bulk-load", log_prints=True, persist_result=False)
 def bulk_load(
     source: SourcePath,
     full_refresh: bool = False,
@@ -297,3 +303,7 @@ def _sync_from_flow(
         shard_runner=shard_runner_for(settings, prepare_stage, prefect=True) or shards_in_order,
     )
     return cast(Summary, final_state(summary))
+
+
+# The flows are built (and Prefect imported) on first access: `ingest --no-prefect` never imports it.
+__getattr__ = flows_on_demand(globals())

@@ -20,6 +20,7 @@ from tasks.plan import ChangePlan
 from tasks.pool import ConnectionSource
 from tasks.prepare import PrepareStats
 from tasks.records import FileFailure
+from tasks.stage import in_flow_run
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +211,10 @@ def publish_artifacts(summary: Mapping[str, Any]) -> bool:
 
     Only inside a Prefect flow run; returns whether anything was published.
     """
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-    from prefect.context import FlowRunContext
-
-    if FlowRunContext.get() is None:
+    if not in_flow_run():
         return False
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     create_table_artifact(
         key="ingest-summary", table=summary_table(summary), description=f"Ingest of {summary['source']}"
     )

@@ -29,6 +29,7 @@ from tasks.chunk import (
 from tasks.markdown import block_parser
 from tasks.records import Chunk, ParsedDocument
 from tasks.tokens import count_lines, count_tokens, remembered_counts
+from tests.conftest import corpus_root
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CORPORA = SHARED / "corpora"
@@ -544,7 +545,7 @@ def _corpus_files(folder: Path, pattern: str) -> list[Path]:
 
 @pytest.mark.parametrize("cap", [512, 64])
 def test_every_rust_book_chapter_fits_the_cap(cap: int) -> None:
-    files = _corpus_files(CORPORA / "rust-book" / "src", "*.md")
+    files = _corpus_files(corpus_root("rust-book/src"), "*.md")
     assert len(files) > 50
     for path in files:
         body = _without_frontmatter(path.read_text(encoding="utf-8"))
@@ -621,7 +622,7 @@ def test_token_windows_equal_the_baseline_implementation(
 @pytest.mark.parametrize("cap", [256, 64])
 def test_rust_book_chunks_equal_the_baseline_implementation(cap: int) -> None:
     baseline = _baseline_or_skip()
-    for path in _corpus_files(CORPORA / "rust-book" / "src", "*.md"):
+    for path in _corpus_files(corpus_root("rust-book/src"), "*.md"):
         body = _without_frontmatter(path.read_text(encoding="utf-8"))
         assert chunk_by_headings(path.stem, body, max_tokens=cap) == baseline.chunk_by_headings(
             path.stem, body, max_tokens=cap

@@ -408,3 +408,23 @@ def test_a_deployment_run_with_the_cluster_parameter_prepares_on_the_cluster(
     assert (summary["execution.runner"], summary["execution.workers"]) == ("dask", 2)
     assert summary["chunks.written"] == counts(database_url)[1] > 500
     assert worker_children(dask_cluster) == []
+
+
+def test_the_cli_refuses_a_remote_cluster_with_the_embedded_database(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("RAGINGEST_DATABASE_URL", raising=False)
+    monkeypatch.setenv("RAGINGEST_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EMBEDDING_PROVIDER", "hash")
+    (tmp_path / "kb").mkdir()
+    (tmp_path / "kb" / "a.md").write_text("# A\n\ntext\n")
+
+    code = main(["ingest", str(tmp_path / "kb"), "--no-prefect", "--cluster", "tcp://10.1.2.3:8786"])
+
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "tcp://10.1.2.3:8786" in error and "DATABASE_URL" in error
+    assert not (tmp_path / "home").exists()

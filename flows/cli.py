@@ -156,13 +156,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     from config.settings import load_settings
 
     overrides: dict[str, Any] = {}
-    for option in ("chunker", "index_strategy", "workers"):
+    for option in ("chunker", "index_strategy"):
         if getattr(args, option, None):
             overrides[option] = getattr(args, option)
+    args.settings_overrides = dict(overrides)  # the cluster options travel as flow parameters
+    if getattr(args, "workers", None):
+        overrides["workers"] = args.workers
     if getattr(args, "cluster", None):
         overrides["dask_address"] = args.cluster
     settings = load_settings(args.profile, **overrides)
-    args.settings_overrides = overrides
     return int(args.handler(args, settings))
 
 
@@ -205,6 +207,8 @@ def _ingest_flow(args: argparse.Namespace) -> dict[str, Any]:
         source_name=args.source_name,
         profile=args.profile,
         settings_overrides=args.settings_overrides,
+        workers=args.workers,
+        cluster=args.cluster,
         return_state=True,
     )
     return summary_of(state.result(raise_on_failure=False))

@@ -29,6 +29,7 @@ EXIT_USAGE = 2
 EXIT_FILE_FAILURES = 3  # the run completed, but files failed (some or all): see its failures
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
+REPAIR_COMMAND = "ragingest db migrate --repair"
 
 # SQLSTATEs that mean a table, column, constraint or index the code relies on is not there.
 SCHEMA_DAMAGE_SQLSTATES = frozenset({"42P01", "42703", "42704", "42P10"})
@@ -254,8 +255,8 @@ def _verify(url: str, *, after_migrate: bool) -> int:
     if not problems:
         print("schema ok")
         return 0
-    hint = "the migrations are recorded, but" if after_migrate else "to re-create what is missing,"
-    print(f"{len(problems)} problem(s); {hint} run: ragingest db migrate --repair")
+    recorded = "every migration is recorded, but the schema differs; " if after_migrate else ""
+    print(f"{len(problems)} problem(s): {recorded}to re-create what is missing, run: {REPAIR_COMMAND}")
     return EXIT_FAILED
 
 

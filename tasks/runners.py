@@ -161,8 +161,9 @@ class DaskShards:
     def __call__(self, shards: Sequence[Any], prepare: Callable[[Any], Any]) -> list[Any]:
         if not shards:
             return []
-        run = _run_with_prefect if self.prefect else _run_plain
-        return run(self, shards)
+        calls = [_shard_call(self, shard) for shard in shards]
+        results, self.workers_seen = submit_all(self.choice, self.task, calls, prefect=self.prefect)
+        return results
 
 
 def execution_of(shard_runner: object) -> Execution:
@@ -184,26 +185,37 @@ def _shard_call(runner: DaskShards, shard: Any) -> dict[str, Any]:
     return {"shard": shard, "settings": runner.settings, "embedder_for": process_embedder}
 
 
-def _run_plain(runner: DaskShards, shards: Sequence[Any]) -> list[Any]:
-    with _client(runner.choice) as client:
-        runner.workers_seen = len(client.scheduler_info(n_workers=-1)["workers"])
-        futures = [client.submit(runner.task.fn, pure=False, **_shard_call(runner, s)) for s in shards]
-        return _gather(runner, futures, lambda future: future.result())
+def submit_all(
+    choice: RunnerChoice, task: Any, calls: Sequence[dict[str, Any]], *, prefect: bool
+) -> tuple[list[Any], int]:
+    """Run `task` once per keyword set on the chosen cluster; the results in order, and the workers.
+
+    Inside a flow run each call is a Prefect task run (DaskTaskRunner); outside one, the
+    plain function goes through a distributed.Client.
+    """
+    if prefect:
+        return _run_with_prefect(choice, task, calls)
+    with _client(choice) as client:
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        futures = [client.submit(task.fn, pure=False, **call) for call in calls]
+        return _gather(choice, futures, lambda future: future.result()), workers
 
 
-def _run_with_prefect(runner: DaskShards, shards: Sequence[Any]) -> list[Any]:
+def _run_with_prefect(
+    choice: RunnerChoice, task: Any, calls: Sequence[dict[str, Any]]
+) -> tuple[list[Any], int]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api_url = _flow_api_url(runner.choice)
+    api_url = _flow_api_url(choice)
     _send_flow_module_by_value()
-    with temporary_settings({PREFECT_API_URL: api_url}), _task_runner(runner.choice, api_url) as task_runner:
-        runner.workers_seen = len(task_runner.client.scheduler_info(n_workers=-1)["workers"])
+    with temporary_settings({PREFECT_API_URL: api_url}), _task_runner(choice, api_url) as task_runner:
+        workers = len(task_runner.client.scheduler_info(n_workers=-1)["workers"])
         # Not quoted: Dask would unpack Prefect's quote (a tuple) on the way to the worker.
-        futures = [task_runner.submit(prefect_task(runner.task), _shard_call(runner, s)) for s in shards]
-        return _gather(runner, futures, lambda future: future.result())
+        futures = [task_runner.submit(prefect_task(task), dict(call)) for call in calls]
+        return _gather(choice, futures, lambda future: future.result()), workers
 
 
-def _gather(runner: DaskShards, futures: Sequence[Any], result: Callable[[Any], Any]) -> list[Any]:
+def _gather(choice: RunnerChoice, futures: Sequence[Any], result: Callable[[Any], Any]) -> list[Any]:
     """Each shard's result in order; a lost cluster becomes a ClusterError, a shard's error stays."""
     results = []
     try:
@@ -214,9 +226,9 @@ def _gather(runner: DaskShards, futures: Sequence[Any], result: Callable[[Any], 
             getattr(future, "wrapped_future", future).cancel()  # a PrefectDaskFuture wraps Dask's
         if _is_cluster_loss(exc):
             raise ClusterError(
-                f"lost the Dask cluster{_at(runner.choice)} after {len(results)} of {len(futures)}"
+                f"lost the Dask cluster{_at(choice)} after {len(results)} of {len(futures)}"
                 f" shards ({type(exc).__name__}: {exc}); nothing was loaded, run again once it is back",
-                address=runner.choice.address,
+                address=choice.address,
             ) from exc
         raise
     return results
@@ -323,3 +335,39 @@ def _flow_api_url(choice: RunnerChoice) -> str:
             address=choice.address,
         )
     return api_url
+
+
+# --- a backfill's id ranges on the cluster ---------------------------------------------------
+
+
+def fill_range_here(settings: Settings, model: EmbeddingModel, lo: int, hi: int, batch_size: int) -> Any:
+    """Fill one id range of `model`'s column on whichever process runs it (a `fill-range` task).
+
+    It opens its own connections from this process's pool and uses this process's embedder,
+    so a worker fills many ranges with one model load; each batch commits on its own.
+    """
+    from tasks.backfill import fill_range
+    from tasks.pool import process_pool
+
+    embedder = process_embedder(model, settings)
+    with process_pool(settings).connection() as conn, process_pool(settings).connection() as cache:
+        return fill_range(conn, cache, model, embedder, settings, lo, hi, batch_size=batch_size)
+
+
+def fill_ranges_on_cluster(
+    settings: Settings, model: EmbeddingModel, task: Any, *, batch_size: int, prefect: bool, ranges: int = 16
+) -> list[Any]:
+    """Split the column's NULL rows into id ranges and fill them as `task` (`fill_range_here`) on
+    the cluster the settings name; returns each range's statistics. What the ranges leave (rows
+    added meanwhile) is for the in-process fill that follows."""
+    from tasks.backfill import plan_id_ranges
+    from tasks.pool import process_pool
+
+    choice = choose_runner(settings)
+    with process_pool(settings).connection() as conn:
+        planned = plan_id_ranges(conn, model, max(ranges, choice.workers))
+    calls = [
+        {"settings": settings, "model": model, "lo": r.lo, "hi": r.hi, "batch_size": batch_size}
+        for r in planned
+    ]
+    return submit_all(choice, task, calls, prefect=prefect)[0] if calls else []

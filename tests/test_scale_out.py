@@ -428,3 +428,31 @@ def test_the_cli_refuses_a_remote_cluster_with_the_embedded_database(
     error = capsys.readouterr().err
     assert "tcp://10.1.2.3:8786" in error and "DATABASE_URL" in error
     assert not (tmp_path / "home").exists()
+
+
+# --- a backfill's ranges on the cluster --------------------------------------------------------
+
+
+def test_a_backfill_fills_its_id_ranges_on_the_cluster(dask_cluster: DaskCluster, database_url: str) -> None:
+    from tasks.registry import register_model
+    from tasks.runners import fill_range_here, fill_ranges_on_cluster
+    from tasks.stage import stage_task
+
+    ingest(make_settings(database_url, shard_bytes=SHARD_BYTES))
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        model = register_model(
+            conn, provider="hash", model="second", dimensions=32, status="backfilling",
+            precision=None, hnsw_m=16, hnsw_ef_construction=64,
+        )  # fmt: skip
+    settings = make_settings(database_url, dask_address=dask_cluster.address)
+    task = stage_task("fill-range", fill_range_here)
+
+    filled = fill_ranges_on_cluster(settings, model, task, batch_size=100, prefect=False, ranges=6)
+
+    chunks = counts(database_url)[1]
+    assert len(filled) > 1 and sum(stats.rows_filled for stats in filled) == chunks
+    with psycopg.connect(database_url) as conn:
+        missing = conn.execute(
+            sql.SQL("SELECT count(*) FROM chunks WHERE {} IS NULL").format(sql.Identifier(model.column_name))
+        ).fetchone()
+    assert missing == (0,)

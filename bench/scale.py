@@ -97,10 +97,10 @@ def run_variant(admin: str, source: Path, address: str | None, workers: int, **s
 def start_cluster(workers: int) -> Any:
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(
+    cluster = LocalCluster(  # type: ignore[no-untyped-call]
         n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None, host="127.0.0.1"
     )
-    client = Client(cluster)
+    client = Client(cluster)  # type: ignore[no-untyped-call]
     client.wait_for_workers(workers)
     return cluster, client
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import prefect.main  # noqa: F401  # sets up Prefect's log handlers now, not inside a test capturing output
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import EXIT_FILE_FAILURES, main
 from tasks.outcome import FilesFailed
@@ -21,12 +19,6 @@ from tests.test_ingest import PAGES, write_tree
 pytestmark = pytest.mark.prefect
 
 BAD_BYTES = b"# Broken\n\n\xff\xfe not UTF-8\n"
-
-
-@pytest.fixture(scope="module")
-def prefect_harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def stored_state(flow_run_id: Any) -> Any:

@@ -61,6 +61,8 @@ class PrepareStats:
     """Wall time of each shard, as the shard measured it."""
     oversize: list[FileFailure] = field(default_factory=list)
     """Chunks over the model's input limit that could not be split: the model will cut them."""
+    precision: str | None = None
+    """The precision a local model ran at (fp32, bf16); None where no model ran."""
 
     def add(self, other: PrepareStats) -> None:
         """Fold a shard's statistics into the run's."""
@@ -72,6 +74,7 @@ class PrepareStats:
         self.excluded += other.excluded
         self.empty += other.empty
         self.oversize += other.oversize
+        self.precision = self.precision or other.precision
         self.shard_seconds += other.shard_seconds
         self.embed.add(other.embed)
 
@@ -162,6 +165,7 @@ def prepare_shard(
     with _two_connections(source) as (stage_conn, cache_conn):
         clear_shard(stage_conn, shard.target)
         stats = asyncio.run(_prepare(shard, settings, embedders, stage_conn, cache_conn, progress))
+    stats.precision = next((p for e in embedders if (p := getattr(e, "precision", None))), None)
     stats.shard_seconds.append(time.perf_counter() - started)
     return stats
 

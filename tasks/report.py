@@ -130,6 +130,7 @@ class RunSummary:
             "batches": embed.batches,
             "estimated_cost_usd": round(embed.tokens * self.cost_per_million / 1_000_000, 6),
             "oversize": len(self.prepared.oversize),
+            "precision": self.prepared.precision,
         }
 
     def _skipped(self) -> list[dict[str, str]]:

@@ -27,6 +27,7 @@ from tasks.db import connect, connect_migrated, database_url, index_validity
 from tasks.embed import Embedder, TerminalEmbeddingError, make_embedder
 from tasks.index import vacuum_analyze
 from tasks.registry import EmbeddingModel, find_model, register_model, slug_for
+from tasks.runners import ClusterAddress, Workers, choose_runner, fill_range_here, fill_ranges_on_cluster
 from tasks.stage import ProgressReporter, StageRunner, run_as_task, run_plain, stage_task
 
 Precision = Literal["vector", "halfvec"]
@@ -50,6 +51,7 @@ def register_for_backfill(
 
 register_stage = stage_task("register-model", register_for_backfill)
 fill_stage = stage_task("fill-column", fill_column)
+fill_range_stage = stage_task("fill-range", fill_range_here)
 index_stage = stage_task("build-index", build_index)
 vacuum_stage = stage_task("vacuum-analyze", vacuum_analyze)
 
@@ -90,16 +92,7 @@ def run_backfill(
         hold_backfill_lock(conn, model_key(provider, model, dimensions), name)
         probe_dimensions(embedder, settings)
         registered = runner(register_stage, conn, settings, provider, model, dimensions, precision)
-        stats = runner(
-            fill_stage,
-            conn,
-            cache_conn,
-            registered,
-            embedder,
-            settings,
-            batch_size=batch_size,
-            progress=ProgressReporter("backfill-progress", f"Backfilling {registered.column_name}"),
-        )
+        stats = _fill(runner, conn, cache_conn, registered, embedder, settings, batch_size)
         built = runner(index_stage, conn, registered, settings)
         vacuum_seconds = runner(vacuum_stage, conn)
         if registered.status == "backfilling":
@@ -107,6 +100,42 @@ def run_backfill(
         if activate_when_done:
             activate(conn, registered.slug)
         return _summary(conn, registered, stats, settings, built, vacuum_seconds, clock)
+
+
+def _fill(
+    runner: StageRunner,
+    conn: Any,
+    cache_conn: Any,
+    model: EmbeddingModel,
+    embedder: Embedder,
+    settings: Settings,
+    batch_size: int,
+) -> BackfillStats:
+    """Fill the column: on a Dask cluster its id ranges go to the workers first (RAGINGEST_WORKERS,
+    RAGINGEST_DASK_ADDRESS); the fill here then takes what is left, rows added meanwhile included."""
+    ranges: list[BackfillStats] = []
+    if choose_runner(settings).kind != "in-process":
+        prefect = runner is run_as_task
+        ranges = fill_ranges_on_cluster(
+            settings, model, fill_range_stage, batch_size=batch_size, prefect=prefect
+        )
+    stats: BackfillStats = runner(
+        fill_stage,
+        conn,
+        cache_conn,
+        model,
+        embedder,
+        settings,
+        batch_size=batch_size,
+        progress=ProgressReporter("backfill-progress", f"Backfilling {model.column_name}"),
+    )
+    for part in ranges:
+        stats.rows_missing_at_start += part.rows_missing_at_start
+        stats.rows_filled += part.rows_filled
+        stats.batches += part.batches
+        stats.cache_hits += part.cache_hits
+        stats.embed.add(part.embed)
+    return stats
 
 
 def _summary(
@@ -187,6 +216,8 @@ def backfill(
     dry_run: bool = False,
     profile: Profile = ENVIRONMENT,
     settings_overrides: SettingsOverrides | None = None,
+    workers: Workers = None,
+    cluster: ClusterAddress = None,
 ) -> dict[str, Any]:
     """Add an embedding-model column, fill it in resumable batches, index it, and optionally switch to it.
 
@@ -200,8 +231,10 @@ def backfill(
         dry_run: Only count the rows, tokens and estimated cost; spend nothing.
         profile: Settings profile from config/: dev (local model) or prod (OpenAI). environment: none.
         settings_overrides: Advanced: other settings by field name. Secrets and unknown keys are refused.
+        workers: Fill id ranges on a local Dask cluster of this many processes. Empty: RAGINGEST_WORKERS.
+        cluster: Fill id ranges on the Dask cluster at this address. Empty: RAGINGEST_DASK_ADDRESS.
     """
-    settings = run_settings(profile, settings_overrides)
+    settings = run_settings(profile, settings_overrides, workers=workers, cluster=cluster)
     return run_backfill(
         settings,
         provider=provider,

@@ -22,6 +22,9 @@ def register(commands: Any) -> None:
     backfill.add_argument("--dry-run", action="store_true", help="count rows, tokens and cost; spend nothing")
     backfill.add_argument("--no-prefect", action="store_true", help="run without a Prefect flow run")
     backfill.add_argument("--json", action="store_true")
+    from flows.cli import add_cluster_options
+
+    add_cluster_options(backfill)
     backfill.set_defaults(handler=run_backfill_command)
 
     models = commands.add_parser("models", help="the embedding-model registry")
@@ -57,7 +60,8 @@ def run_backfill_command(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from flows.backfill import backfill
 
-        summary = backfill(activate=args.activate, profile=args.profile, **options)
+        cluster = {"workers": args.workers, "cluster": args.cluster}
+        summary = backfill(activate=args.activate, profile=args.profile, **options, **cluster)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:

@@ -456,3 +456,23 @@ def test_a_backfill_fills_its_id_ranges_on_the_cluster(dask_cluster: DaskCluster
             sql.SQL("SELECT count(*) FROM chunks WHERE {} IS NULL").format(sql.Identifier(model.column_name))
         ).fetchone()
     assert missing == (0,)
+
+
+def test_ragingest_backfill_with_a_cluster_fills_the_whole_column(
+    dask_cluster: DaskCluster, database_url: str, env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    ingest(make_settings(database_url, shard_bytes=SHARD_BYTES))
+    chunks = counts(database_url)[1]
+    capsys.readouterr()
+    arguments = ["backfill", "--provider", "hash", "--model", "second", "--dimensions", "32"]
+    code = main(
+        [*arguments, "--batch-size", "100", "--no-prefect", "--cluster", dask_cluster.address, "--json"]
+    )
+
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"]["filled"] == summary["rows"]["missing_at_start"] == chunks
+    assert summary["rows"]["remaining"] == 0 and summary["index"]["valid"]
+    assert "Receive client connection" in (dask_cluster.log_dir / "scheduler.log").read_text()

@@ -25,6 +25,7 @@ from tasks.db import Connection
 from tasks.discover import DocumentError, read_document
 from tasks.embed import Embedder, EmbedItem, EmbedPolicy, EmbedStats, RateBudget
 from tasks.pool import ConnectionSource, process_pool
+from tasks.providers.base import CL100K
 from tasks.records import Chunk, FileFailure, FoundFile, ParsedDocument
 from tasks.registry import EmbeddingModel
 from tasks.staging import StagingTarget, clear_shard, stage_documents
@@ -88,7 +89,8 @@ class ChunkSpec:
     window: int
     overlap: int
     counter: str | None = None
-    """The model key whose own tokenizer counts the cap: the live model with the smallest input."""
+    """The tokenizer that counts the cap, when it is not the chunker's own cl100k: that of the
+    live model with the smallest input."""
 
     @property
     def signature(self) -> str:
@@ -102,7 +104,7 @@ def chunk_spec(settings: Settings, embedders: Sequence[Embedder]) -> ChunkSpec:
     """The cap is the setting, never above any live model's input limit, counted in that model's tokens."""
     cap = min([settings.chunk_max_tokens, *(e.max_input_tokens for e in embedders)])
     tightest = min(embedders, key=lambda e: e.max_input_tokens, default=None)
-    counter = tightest.model_key if tightest is not None else None
+    counter = tightest.tokenizer if tightest is not None and tightest.tokenizer != CL100K else None
     return ChunkSpec(settings.chunker, cap, min(settings.token_window, cap), settings.token_overlap, counter)
 
 
@@ -208,7 +210,7 @@ async def _prepare(
 
 def _counter(spec: ChunkSpec, embedders: Sequence[Embedder]) -> TokenCounter | None:
     """The batched token count of the model the spec caps in."""
-    return next((e.count_tokens for e in embedders if e.model_key == spec.counter), None)
+    return next((e.count_tokens for e in embedders if e.tokenizer == spec.counter), None)
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ class CountingEmbedder:
         self.dimensions = inner.dimensions
         self.max_batch_inputs = inner.max_batch_inputs
         self.max_input_tokens = inner.max_input_tokens
+        self.tokenizer = inner.tokenizer
         self.max_concurrency = inner.max_concurrency
         self.texts: Counter[str] = Counter()
         self.calls = 0

@@ -59,11 +59,12 @@ def test_local_counts_use_the_models_tokenizer_without_loading_it_or_warning(
     assert "sequence length is longer" not in caplog.text + "".join(capfd.readouterr())
 
 
-def test_openai_counts_are_cl100k_and_hash_counts_are_simple() -> None:
+def test_openai_and_hash_count_in_cl100k_as_they_truncate() -> None:
     texts = ["hello world", "<|endoftext|> is plain text here", "ünïcödé " * 20]
     openai = OpenAIEmbedder("text-embedding-3-small", 8, Settings(openai_api_key=SecretStr("sk-x")))
     assert openai.count_tokens(texts) == [len(tokens.encode(t)) for t in texts]
-    assert HashEmbedder("t", 8).count_tokens(["one two three", "x" * 40]) == [4, 10]
+    assert HashEmbedder("t", 8).count_tokens(texts) == [len(tokens.encode(t)) for t in texts]
+    assert openai.tokenizer == HashEmbedder("t", 8).tokenizer == "cl100k_base"
 
 
 def test_openai_truncation_skips_the_encode_for_short_texts_and_cuts_long_ones() -> None:

@@ -51,7 +51,7 @@ def test_a_chunker_change_rechunks_without_full_refresh_and_reuses_the_cache(
     assert chunk_rows(conn) == headings
     assert factory.embedded == 0  # every headings chunk was still in the cache
     stored = conn.execute("SELECT DISTINCT chunk_config FROM documents").fetchall()
-    assert stored == [("headings/v1/cap=512/count=hash:test:64",)]
+    assert stored == [("headings/v1/cap=512",)]
 
 
 def test_a_lower_cap_rechunks_the_documents_it_affects(database_url: str, kb: Path) -> None:

@@ -50,7 +50,9 @@ class Embedder(Protocol):
     dimensions: int
     max_batch_inputs: int
     max_input_tokens: int
-    """Longest input the model takes, in cl100k tokens (chunks are capped to it)."""
+    """Longest input the model takes, in its own tokens (chunks are capped to it)."""
+    tokenizer: str
+    """Names how `count_tokens` counts (`cl100k_base`, or the model's own vocabulary)."""
     max_concurrency: int
 
     async def embed(self, texts: Sequence[str]) -> Vectors: ...
@@ -85,6 +87,10 @@ def truncate_tokens(text: str, limit: int) -> tuple[str, bool]:
     if len(encoded) <= limit:
         return text, False
     return tokens.decode(encoded[:limit]), True
+
+
+CL100K = "cl100k_base"
+"""The chunker's own count: a model that counts this way needs no second count."""
 
 
 def count_cl100k(texts: Sequence[str]) -> list[int]:

@@ -8,13 +8,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from config.settings import Settings, model_key
-from tasks.providers.base import Vectors, count_cl100k, empty_vectors, truncate_tokens
+from tasks.providers.base import CL100K, Vectors, count_cl100k, empty_vectors, truncate_tokens
 
 
 class HashEmbedder:
     """Deterministic unit vectors from SHAKE-256 of the text. No model; for tests and dry runs."""
 
     max_input_tokens = 8191
+    tokenizer = CL100K
     max_concurrency = 1
     precision = "fp32"
 

@@ -36,6 +36,7 @@ class SentenceTransformerEmbedder:
         self.name = model
         self.path = local_model_path(model)
         self.model_key = model_key("sentence-transformers", model, dimensions)
+        self.tokenizer = f"wordpiece:{model}"
         self.dimensions = dimensions
         self.batch_size = batch_size
         self.max_batch_inputs = 256

@@ -16,6 +16,7 @@ import numpy as np
 
 from config.settings import Settings, model_key
 from tasks.providers.base import (
+    CL100K,
     TerminalEmbeddingError,
     TransientEmbeddingError,
     Vectors,
@@ -29,6 +30,7 @@ class OpenAIEmbedder:
     """The official SDK; `base_url` points it at Azure, Ollama, vLLM or another compatible server."""
 
     max_input_tokens = 8191
+    tokenizer = CL100K
     max_batch_inputs = 2048
     precision = "fp32"
 

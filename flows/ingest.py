@@ -119,6 +119,7 @@ def run_ingest(
             clock.seconds(prepared, loaded),
             settings.cost_per_million_tokens,
             execution=execution_of(shard_runner),
+            skipped_links=plan.skipped,
         )
         summary.run_id = runner(report_stage, run.pool, summary, started_at)
     publish_artifacts(summary.to_dict())

@@ -21,8 +21,10 @@ CORPORA = Path(__file__).resolve().parent / "corpora"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_CORPORA = SHARED / "corpora"
 """The full corpora beside the checkout, when present (prefect-docs is too large to ship)."""
-pytest_plugins = ["tests.fix_prefect"]  # a real `prefect server start` and its client calls
-pytest_plugins = [*globals().get("pytest_plugins", []), "tests.fix_dask"]  # a real Dask cluster
+pytest_plugins = [
+    "tests.fix_prefect",  # a real `prefect server start` and its client calls
+    "tests.fix_dask",  # a real Dask cluster
+]
 TEMPLATE_DB = "ragingest_test_template"
 _counter = itertools.count()
 
@@ -34,6 +36,10 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Prefect sets up its console log handler on first use; let that be now, not inside a test
+# that captures output (a later flow test would write to the closed capture).
+import prefect.main  # noqa: E402, F401
 
 
 def corpus_root(relative: str) -> Path:

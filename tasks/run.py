@@ -11,8 +11,8 @@ from psycopg_pool import ConnectionPool
 
 from config.settings import Settings
 from tasks.db import Connection, connect_migrated, database_url
-from tasks.pool import open_pool
 from tasks.load import load_lock
+from tasks.pool import open_pool
 from tasks.registry import EmbeddingModel, ensure_ingest_model, find_model
 from tasks.staging import registered_run
 

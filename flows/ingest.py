@@ -23,6 +23,7 @@ from flows.params import (
     SourcePath,
     existing_folder,
     run_settings,
+    without_arg,
 )
 from tasks.discover import source_identity
 from tasks.embed import Embedder, make_embedder
@@ -84,43 +85,16 @@ def run_ingest(
         embedders = {m.slug: embedder_factory(m, settings) for m in models}
         spec = chunk_spec(settings, list(embedders.values()))
         with clock.stage("discover"):
-            plan = runner(
-                discover_stage,
-                run.pool,
-                root,
-                run.source,
-                settings,
-                full_refresh=full_refresh,
-                chunk_config=spec.signature,
-            )
-        shards = plan_shards(
-            plan.to_prepare,
-            run_key=run.key,
-            spec=spec,
-            models=models,
-            target_bytes=settings.shard_bytes,
-            planned=plan.stored,
-        )
-        progress = RunProgress("ingest-progress", "Chunking and embedding", len(plan.to_prepare))
-        try:
-            prepared = _prepare_all(shards, shard_runner, runner, run, settings, embedders, progress)
-        finally:
-            progress.close()
+            plan = runner(discover_stage, run.pool, root, run.source, settings, full_refresh, spec.signature)
+        shards = plan_shards(plan.to_prepare, plan.stored, run.key, spec, models, settings.shard_bytes)
+        prepared = _prepare_all(shards, shard_runner, runner, run, settings, embedders)
         loaded = _load(run, runner, plan, prepared, models, settings)
         with clock.stage("vacuum"):
             if loaded.chunks_written + loaded.chunks_deleted:
                 runner(vacuum_stage, run.pool)
-        summary = RunSummary(
-            run.source,
-            [m.slug for m in models],
-            plan,
-            prepared,
-            loaded,
-            clock.seconds(prepared, loaded),
-            settings.cost_per_million_tokens,
-            execution=execution_of(shard_runner),
-            skipped_links=plan.skipped,
-        )
+        seconds, cost = clock.seconds(prepared, loaded), settings.cost_per_million_tokens
+        slugs, execution = [m.slug for m in models], execution_of(shard_runner)
+        summary = RunSummary(run.source, slugs, plan, prepared, loaded, seconds, cost, execution)
         summary.run_id = runner(report_stage, run.pool, summary, started_at)
     publish_artifacts(summary.to_dict())
     return summary.to_dict()
@@ -133,16 +107,20 @@ def _prepare_all(
     run: Run,
     settings: Settings,
     embedders: dict[str, Embedder],
-    progress: RunProgress,
 ) -> PrepareStats:
     """Every shard through `shard_runner`, in-process ones sharing the run's embedders and pool."""
+    files = sum(len(shard.files) for shard in shards)
+    progress = RunProgress("ingest-progress", "Chunking and embedding", files)
 
     def prepare(shard: Shard) -> PrepareStats:
         return runner(prepare_stage, shard, settings, lambda m, _: embedders[m.slug], run.pool, progress)
 
     total = PrepareStats()
-    for stats in shard_runner(shards, prepare):
-        total.add(stats)
+    try:
+        for stats in shard_runner(shards, prepare):
+            total.add(stats)
+    finally:
+        progress.close()
     return total
 
 
@@ -204,23 +182,7 @@ def ingest(
         workers: Prepare on a local Dask cluster of this many processes. Empty: RAGINGEST_WORKERS (0: here).
         cluster: Prepare on the Dask cluster at this address (tcp://host:8786). Empty: RAGINGEST_DASK_ADDRESS.
     """
-    return _sync_from_flow(
-        source,
-        full_refresh,
-        source_name,
-        profile,
-        settings_overrides,
-        include=include,
-        exclude=exclude,
-        chunker=chunker,
-        provider=provider,
-        model=model,
-        dimensions=dimensions,
-        batch_size=batch_size,
-        index_strategy=index_strategy,
-        workers=workers,
-        cluster=cluster,
-    )
+    return _sync_from_flow(**locals())
 
 
 @deferred_flow(name="bulk-load", log_prints=True, persist_result=False)
@@ -240,52 +202,26 @@ def bulk_load(
     workers: Workers = None,
     cluster: ClusterAddress = None,
 ) -> Summary:
-    """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE.
+    """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE."""
+    return _sync_from_flow(**locals(), index_strategy="drop")
 
-    The same sync as `ingest`, with the index strategy forced to `drop`. It is a flow of its
-    own because a deployment made by `prefect deploy` cannot pin a parameter's value.
 
-    Args:
-        source: Folder of Markdown pages, as seen by the machine that runs the flow.
-        full_refresh: Re-chunk every file, changed or not (cached vectors are still reused).
-        source_name: Name the documents are stored under. Empty: the folder's absolute path.
-        profile: Settings profile from config/: dev (local model) or prod (OpenAI). environment: none.
-        include: Globs of files to ingest, relative to the source. Empty: RAGINGEST_INCLUDE or Markdown.
-        exclude: Globs of files to leave out; they win over include. Empty: RAGINGEST_EXCLUDE.
-        chunker: headings (sections by heading) or tokens (fixed windows). environment: RAGINGEST_CHUNKER.
-        provider: Embedding provider. environment: EMBEDDING_PROVIDER.
-        model: Embedding model name. Empty: EMBEDDING_MODEL.
-        dimensions: Vector dimensions of the model. Empty: EMBEDDING_DIMENSIONS.
-        batch_size: Most texts per embedding request. Empty: RAGINGEST_EMBED_BATCH_INPUTS.
-        settings_overrides: Advanced: other settings by field name. Secrets and unknown keys are refused.
-        workers: Prepare on a local Dask cluster of this many processes. Empty: RAGINGEST_WORKERS (0: here).
-        cluster: Prepare on the Dask cluster at this address (tcp://host:8786). Empty: RAGINGEST_DASK_ADDRESS.
-    """
-    return _sync_from_flow(
-        source,
-        full_refresh,
-        source_name,
-        profile,
-        settings_overrides,
-        include=include,
-        exclude=exclude,
-        chunker=chunker,
-        provider=provider,
-        model=model,
-        dimensions=dimensions,
-        batch_size=batch_size,
-        index_strategy="drop",
-        workers=workers,
-        cluster=cluster,
-    )
+# The same sync as `ingest`, with the index strategy forced to `drop`: its form is ingest's
+# without that field. It is a flow of its own because a deployment made by `prefect deploy`
+# cannot pin a parameter's value.
+bulk_load.__doc__ = f"""{bulk_load.__doc__}
+
+    The same sync as `ingest`, with the index strategy forced to `drop`.
+
+{without_arg(ingest.__doc__ or "", "index_strategy")}"""
 
 
 def _sync_from_flow(
     source: str,
-    full_refresh: bool,
-    source_name: str | None,
-    profile: str | None,
-    settings_overrides: SettingsOverrides | None,
+    full_refresh: bool = False,
+    source_name: str | None = None,
+    profile: str | None = None,
+    settings_overrides: SettingsOverrides | None = None,
     **choices: Any,
 ) -> Summary:
     """The body both sync flows share: check the folder, build the settings, run the stages as tasks.

@@ -239,3 +239,13 @@ def existing_folder(source: str) -> Path:
     if not folder.is_dir():
         raise ParameterError("source", f"{source} is not a folder on the machine running this flow")
     return folder
+
+
+def without_arg(docstring: str, name: str) -> str:
+    """The `Args:` block of a flow's docstring without the line of one argument.
+
+    A flow that fixes one of another flow's parameters shows the rest of its form with
+    the same descriptions (Prefect reads them from this block).
+    """
+    block = docstring[docstring.index("    Args:") :]
+    return "\n".join(line for line in block.splitlines() if not line.startswith(f"        {name}:"))

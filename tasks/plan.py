@@ -46,7 +46,6 @@ def discover_changes(
     root: Path,
     source: str,
     settings: Settings,
-    *,
     full_refresh: bool,
     chunk_config: str,
 ) -> ChangePlan:

@@ -137,12 +137,11 @@ def split_by_bytes(files: Sequence[FoundFile], target_bytes: int) -> list[list[F
 
 def plan_shards(
     files: Sequence[FoundFile],
-    *,
+    planned: Mapping[str, bytes],
     run_key: uuid.UUID,
     spec: ChunkSpec,
     models: Sequence[EmbeddingModel],
     target_bytes: int,
-    planned: Mapping[str, bytes],
 ) -> list[Shard]:
     """The run's shards, numbered from 0; each carries only its own files' planned hashes."""
     shards = []

@@ -78,7 +78,6 @@ class RunSummary:
     seconds: dict[str, float]
     cost_per_million: float
     execution: Execution = field(default_factory=Execution)
-    skipped_links: list[FileFailure] = field(default_factory=list)
     run_id: int | None = None
 
     @property
@@ -136,7 +135,7 @@ class RunSummary:
     def _skipped(self) -> list[dict[str, str]]:
         empty = [{"path": f.path, "reason": f.reason} for f in self.prepared.empty]
         excluded = [{"path": path, "reason": "rag_include: false"} for path in self.prepared.excluded]
-        links = [{"path": f.path, "reason": f.reason} for f in self.skipped_links]
+        links = [{"path": f.path, "reason": f.reason} for f in self.plan.skipped]
         return empty + excluded + links
 
     def _index(self) -> dict[str, Any]:

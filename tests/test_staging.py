@@ -112,7 +112,7 @@ def test_a_shard_prepared_twice_stages_its_rows_once(
     ]
     spec = ChunkSpec("headings", 512, 400, 50)
     run_key = uuid.uuid4()
-    (shard,) = plan_shards(files, run_key=run_key, spec=spec, models=models, target_bytes=10**9, planned={})
+    (shard,) = plan_shards(files, {}, run_key, spec, models, 10**9)
     factory = CountingFactory()
     with open_pool(database_url) as pool:
         first = prepare_shard(shard, settings, factory, pool)

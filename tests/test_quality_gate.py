@@ -1,9 +1,13 @@
-"""The retrieval quality gate: the docs-qa fixture with the real MiniLM model against the committed baseline.
+"""The retrieval quality gate: two labelled fixtures with the real MiniLM model against committed baselines.
 
-The fixture is the docs-qa corpus rebuilt as Markdown (`eval/docsqa.py`) and its
-100 labelled questions (`eval/docsqa_cases.jsonl`). No metric of any mode may fall
-more than 0.02 below `eval/docsqa_baseline.json`, and the gate must be able to
-fail: a chunker that drops every section after a page's first one fails it.
+- docs-qa: the docs-qa corpus rebuilt as Markdown (`eval/docsqa.py`) and its 100
+  labelled questions (`eval/docsqa_cases.jsonl`), against `eval/docsqa_baseline.json`;
+- rust-book: the Rust book's chapters as they are and 184 questions written from
+  them (`eval/rustbook_cases.jsonl`), against `eval/rustbook_baseline.json`.
+
+No metric of any mode, at the cases' own level or at the page or chunk level, may
+fall more than 0.02 below its baseline, and the gate must be able to fail: a chunker
+that drops every section after a page's first one fails it.
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ from eval import docsqa
 from flows.evaluate import run_evaluation
 from flows.ingest import run_ingest
 from tasks.embed import Embedder, SentenceTransformerEmbedder
-from tasks.evaluate import METRICS, gate_failures
+from tasks.evaluate import GATE_TOLERANCE, GATED, gate_failures
 from tasks.records import Chunk, ParsedDocument
-from tests.conftest import make_settings
+from tests.conftest import corpus_root, make_settings
 from tests.test_search import scratch_database
 
 pytestmark = pytest.mark.model
 
-BASELINE = Path(__file__).resolve().parents[1] / "eval" / "docsqa_baseline.json"
+EVAL = Path(__file__).resolve().parents[1] / "eval"
+FIXTURES = {
+    "docsqa": (EVAL / "docsqa_cases.jsonl", EVAL / "docsqa_baseline.json", 100),
+    "rustbook": (EVAL / "rustbook_cases.jsonl", EVAL / "rustbook_baseline.json", 184),
+}
 Report = dict[str, Any]
 
 
@@ -35,20 +43,29 @@ def minilm() -> SentenceTransformerEmbedder:
     return SentenceTransformerEmbedder("all-MiniLM-L6-v2", 384)
 
 
+@pytest.fixture(scope="module", params=sorted(FIXTURES))
+def fixture(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def baseline() -> Report:
-    loaded: Report = json.loads(BASELINE.read_text(encoding="utf-8"))
+def baseline(fixture: str) -> Report:
+    loaded: Report = json.loads(FIXTURES[fixture][1].read_text(encoding="utf-8"))
     return loaded
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tree(fixture: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder a user ingests: the docs-qa pages written as Markdown, or the Rust book's chapters."""
+    if fixture == "rustbook":
+        return corpus_root("rust-book/src")
     root = tmp_path_factory.mktemp("docsqa")
-    docsqa.write_tree(root, docsqa.group_pages(docsqa.load_sections()))
+    docsqa.write_tree(root, docsqa.group_pages(docsqa.load_sections(corpus_root("docs-qa"))))
     return root
 
 
-def ingest_and_evaluate(url: str, tree: Path, embedder: Embedder, k: int) -> Report:
+def ingest_and_evaluate(url: str, tree: Path, cases: Path, embedder: Embedder, k: int) -> Report:
     """The fixture as a user builds it: ingest the tree with MiniLM, then every case in every mode."""
     settings = make_settings(
         url,
@@ -57,30 +74,41 @@ def ingest_and_evaluate(url: str, tree: Path, embedder: Embedder, k: int) -> Rep
         embedding_dimensions=384,
     )
     run_ingest(settings, tree, embedder_factory=lambda model, s: embedder)
-    return run_evaluation(settings, docsqa.DEFAULT_CASES, k=k, embedder_factory=lambda model, s: embedder)
+    return run_evaluation(settings, cases, k=k, embedder_factory=lambda model, s: embedder)
 
 
 @pytest.fixture(scope="module")
 def healthy(
-    server_url: str, template_url: str, tree: Path, minilm: SentenceTransformerEmbedder, baseline: Report
+    server_url: str,
+    template_url: str,
+    fixture: str,
+    tree: Path,
+    minilm: SentenceTransformerEmbedder,
+    baseline: Report,
 ) -> Iterator[Report]:
     with scratch_database(server_url, template_url) as url:
-        yield ingest_and_evaluate(url, tree, minilm, baseline["k"])
+        yield ingest_and_evaluate(url, tree, FIXTURES[fixture][0], minilm, baseline["k"])
 
 
-def test_docsqa_holds_the_committed_baseline(healthy: Report, baseline: Report) -> None:
+def test_the_fixture_holds_its_committed_baseline(healthy: Report, baseline: Report, fixture: str) -> None:
     assert [(r["mode"], r["model"]) for r in healthy["results"]] == [
         ("vector", "all_minilm_l6_v2_384"),
         ("lexical", None),
         ("hybrid", "all_minilm_l6_v2_384"),
     ]
-    assert healthy["cases"] == baseline["cases"] == 100
+    assert healthy["cases"] == baseline["cases"] == FIXTURES[fixture][2]
+    assert all("page" in row and "chunk" in row for row in baseline["results"])
     assert gate_failures(healthy["results"], baseline["results"]) == []
 
 
-def test_hybrid_is_at_least_as_good_as_the_better_single_mode(healthy: Report) -> None:
-    mrr = {row["mode"]: row["mrr"] for row in healthy["results"]}
-    assert mrr["hybrid"] >= max(mrr["vector"], mrr["lexical"])
+def test_hybrid_beats_both_single_modes_by_page_and_holds_the_better_by_chunk(healthy: Report) -> None:
+    rows = {row["mode"]: row for row in healthy["results"]}
+    page = {mode: row["page"]["mrr"] for mode, row in rows.items()}
+    assert page["hybrid"] > max(page["vector"], page["lexical"]), page
+    # By chunk, hybrid ties lexical on both fixtures (README, Search and evaluation, says why).
+    chunk = {mode: row["chunk"]["mrr"] for mode, row in rows.items()}
+    assert chunk["hybrid"] >= max(chunk["vector"], chunk["lexical"]) - GATE_TOLERANCE, chunk
+    assert chunk["hybrid"] > chunk["vector"], chunk
 
 
 def first_section_only(chunker: Any) -> Any:
@@ -96,6 +124,7 @@ def first_section_only(chunker: Any) -> Any:
 def test_the_gate_fails_when_the_chunker_drops_the_sections(
     server_url: str,
     template_url: str,
+    fixture: str,
     tree: Path,
     minilm: SentenceTransformerEmbedder,
     baseline: Report,
@@ -106,11 +135,11 @@ def test_the_gate_fails_when_the_chunker_drops_the_sections(
     # The ingest's prepare stage calls the chunker through its own module's name.
     monkeypatch.setattr("tasks.prepare.chunk_document", first_section_only(chunk_document))
     with scratch_database(server_url, template_url) as url:
-        broken = ingest_and_evaluate(url, tree, minilm, baseline["k"])
+        broken = ingest_and_evaluate(url, tree, FIXTURES[fixture][0], minilm, baseline["k"])
 
     failures = gate_failures(broken["results"], baseline["results"])
     failed = {(line.split(":")[0], line.split()[1]) for line in failures}
     for row in baseline["results"]:
         mode = f"{row['mode']}/{row['model'] or '-'}"
         assert {(mode, "mrr"), (mode, "recall@k")} <= failed, failures
-    assert all(name in METRICS for _, name in failed)
+    assert all(name in GATED for _, name in failed)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common import REPO, Samples, note, print_ratios, print_table
 
-RAGINGEST = [sys.executable, "-m", "flows.cli"]
+RAGINGEST = [sys.executable, "-m", "cli.main"]
 FLOOR = (
     "import hashlib, os, sys\n"
     "for folder, _, names in os.walk(sys.argv[1]):\n"

@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import numpy as np
 from pgvector import Vector
@@ -483,17 +483,24 @@ Fetch = Callable[[int], list[SearchHit]]
 """One mode's best chunks, as many as the limit asks (fewer when the mode runs out)."""
 
 
+class SearchInputs(TypedDict, total=False):
+    """What a search may be given besides its text and options."""
+
+    filters: SearchFilters
+    model: EmbeddingModel | None
+    """The embedding column; vector and hybrid modes need it."""
+    vector: QueryVector | None
+    """The query's vector in that column."""
+    stats: CorpusStats | None
+    """BM25's corpus statistics, when the caller already read them."""
+
+
 def mode_fetchers(
-    conn: Connection,
-    text: str,
-    *,
-    options: SearchOptions,
-    filters: SearchFilters,
-    model: EmbeddingModel | None,
-    vector: QueryVector | None,
-    stats: CorpusStats | None,
+    conn: Connection, text: str, options: SearchOptions, inputs: SearchInputs
 ) -> dict[str, Fetch]:
     """The lists the mode reads (hybrid: vector and lexical), each held to `min_score`."""
+    filters = inputs.get("filters", SearchFilters())
+    model, vector, stats = inputs.get("model"), inputs.get("vector"), inputs.get("stats")
     fetchers: dict[str, Fetch] = {}
     if options.mode in ("lexical", "hybrid"):
 
@@ -547,21 +554,12 @@ def _lexical_above(
 
 
 def search(
-    conn: Connection,
-    text: str,
-    *,
-    options: SearchOptions,
-    filters: SearchFilters = SearchFilters(),
-    model: EmbeddingModel | None = None,
-    vector: QueryVector | None = None,
-    stats: CorpusStats | None = None,
+    conn: Connection, text: str, *, options: SearchOptions, **inputs: Unpack[SearchInputs]
 ) -> list[SearchHit]:
     """The top `options.k` chunks in the chosen mode. Vector and hybrid need the model and the
     query vector. Hybrid fuses each mode's best `depth` chunks."""
     check_query(text)
-    fetchers = mode_fetchers(
-        conn, text, options=options, filters=filters, model=model, vector=vector, stats=stats
-    )
+    fetchers = mode_fetchers(conn, text, options, inputs)
     if options.mode != "hybrid":
         return fetchers[options.mode](options.k)
     depth = max(options.depth, options.k)
@@ -571,21 +569,12 @@ def search(
 
 
 def search_pages(
-    conn: Connection,
-    text: str,
-    *,
-    options: SearchOptions,
-    filters: SearchFilters = SearchFilters(),
-    model: EmbeddingModel | None = None,
-    vector: QueryVector | None = None,
-    stats: CorpusStats | None = None,
+    conn: Connection, text: str, *, options: SearchOptions, **inputs: Unpack[SearchInputs]
 ) -> list[PageHit]:
     """The top `options.k` pages, each once at the rank of its best chunk. Hybrid fuses the
     page ranks of each mode's best `depth` pages (Reciprocal Rank Fusion of pages)."""
     check_query(text)
-    fetchers = mode_fetchers(
-        conn, text, options=options, filters=filters, model=model, vector=vector, stats=stats
-    )
+    fetchers = mode_fetchers(conn, text, options, inputs)
     pages = options.k if options.mode != "hybrid" else max(options.depth, options.k)
     lists = {mode: fill_pages(fetch, pages, options.depth) for mode, fetch in fetchers.items()}
     if options.mode != "hybrid":
@@ -595,18 +584,11 @@ def search_pages(
 
 
 def search_any(
-    conn: Connection,
-    text: str,
-    *,
-    options: SearchOptions,
-    filters: SearchFilters = SearchFilters(),
-    model: EmbeddingModel | None = None,
-    vector: QueryVector | None = None,
-    stats: CorpusStats | None = None,
+    conn: Connection, text: str, *, options: SearchOptions, **inputs: Unpack[SearchInputs]
 ) -> list[SearchHit] | list[PageHit]:
     """`search` or `search_pages`, as `options.group_by` says."""
     run = search_pages if options.group_by == "page" else search
-    return run(conn, text, options=options, filters=filters, model=model, vector=vector, stats=stats)
+    return run(conn, text, options=options, **inputs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,7 +111,7 @@ def test_kill_9_during_a_backfill_then_rerun_reembeds_nothing_already_paid_for(
         command = [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.main",
             "backfill",
             "--provider",
             "openai",

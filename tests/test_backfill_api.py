@@ -61,7 +61,7 @@ def backfill_command(*extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "flows.cli",
+        "cli.main",
         "--profile",
         "prod",
         "backfill",

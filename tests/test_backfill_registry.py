@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from cli.main import main
 from flows.backfill import run_backfill
-from flows.cli import main
 from flows.ingest import run_ingest
 from tasks.backfill import activate, retire
 from tasks.db import Connection, connect, index_validity

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import EXIT_FAILED, EXIT_FILE_FAILURES, EXIT_TERMINATED, EXIT_USAGE, main
+from cli.main import EXIT_FAILED, EXIT_FILE_FAILURES, EXIT_TERMINATED, EXIT_USAGE, main
 from tests.test_ingest import PAGES, write_tree
 
 
@@ -125,7 +125,7 @@ def test_sigterm_raises_terminated_once_and_then_lets_the_cleanup_finish() -> No
     import os
     import signal
 
-    from flows.cli import Terminated, sigterm_raises
+    from cli.main import Terminated, sigterm_raises
 
     before = signal.getsignal(signal.SIGTERM)
     with sigterm_raises():

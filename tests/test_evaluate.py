@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from cli.main import main
 from config.settings import Settings
 from eval import docsqa
-from flows.cli import main
 from flows.evaluate import QualityGateFailed, gate, run_evaluation
 from flows.ingest import run_ingest
 from tasks.chunk import chunk_document

@@ -12,7 +12,7 @@ from typing import Any
 import prefect.main  # noqa: F401  # sets up Prefect's log handlers now, not inside a test capturing output
 import pytest
 
-from flows.cli import EXIT_FILE_FAILURES, main
+from cli.main import EXIT_FILE_FAILURES, main
 from tasks.outcome import FilesFailed
 from tests.test_ingest import PAGES, write_tree
 

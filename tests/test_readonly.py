@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows.cli import main
+from cli.main import main
 from tests.test_ingest import PAGES, write_tree
 
 _roles = itertools.count()

@@ -413,7 +413,7 @@ def test_a_deployment_run_with_the_cluster_parameter_prepares_on_the_cluster(
 def test_the_cli_refuses_a_remote_cluster_with_the_embedded_database(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
+    from cli.main import main
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("RAGINGEST_DATABASE_URL", raising=False)
@@ -461,7 +461,7 @@ def test_a_backfill_fills_its_id_ranges_on_the_cluster(dask_cluster: DaskCluster
 def test_ragingest_backfill_with_a_cluster_fills_the_whole_column(
     dask_cluster: DaskCluster, database_url: str, env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
+    from cli.main import main
 
     ingest(make_settings(database_url, shard_bytes=SHARD_BYTES))
     chunks = counts(database_url)[1]

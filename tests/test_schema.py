@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from flows.cli import main
+from cli.main import main
 from tasks.db import SQL_DIR, Connection
 from tests.test_ingest import PAGES, write_tree
 

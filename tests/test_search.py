@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from cli.main import main
 from config.settings import Settings
-from flows.cli import main
 from flows.ingest import run_ingest
 from tasks.db import Connection, connect
 from tasks.embed import hash_vector

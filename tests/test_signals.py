@@ -22,7 +22,7 @@ import psutil
 import psycopg
 import pytest
 
-from flows.cli import EXIT_TERMINATED
+from cli.main import EXIT_TERMINATED
 from tests.fake_openai import FakeEmbeddingsServer
 from tests.test_ingest import PAGES, write_tree
 

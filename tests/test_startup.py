@@ -24,7 +24,7 @@ import atexit, json, sys
 heavy = {heavy!r}
 report = lambda: print("IMPORTED " + json.dumps([m for m in heavy if m in sys.modules]), file=sys.stderr)
 atexit.register(report)
-from flows.cli import main
+from cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

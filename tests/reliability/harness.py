@@ -123,9 +123,9 @@ def worker_env(database_url: str, app_name: str, **settings: str) -> dict[str, s
 class Worker(ABC):
     """The command line running in a child process, its output kept in a file.
 
-    Two ways to start it: `exec_cli` runs `python -m flows.cli ARGS` (the real entry
+    Two ways to start it: `exec_cli` runs `python -m cli.main ARGS` (the real entry
     point, with its interpreter start-up), and `fork_cli` forks a process from a
-    fork server that has imported the project once, then calls `flows.cli.main(ARGS)`.
+    fork server that has imported the project once, then calls `cli.main.main(ARGS)`.
     Both are separate processes with their own database sessions and HTTP
     connections that SIGKILL ends at once; forking saves the seconds an import of
     Prefect costs on a busy machine, which is what lets the suite run dozens of them.
@@ -162,7 +162,7 @@ class ExecWorker(Worker):
         super().__init__(log_path)
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", *args],
+                [sys.executable, "-m", "cli.main", *args],
                 cwd=REPO,
                 env=dict(env),
                 stdout=log,
@@ -189,10 +189,10 @@ class ExecWorker(Worker):
 
 _PRELOAD = [
     "tests.reliability.harness",
-    "flows.cli",
+    "cli.main",
     "flows.ingest",
     "flows.backfill",
-    "flows.backfill_cli",
+    "cli.backfill",
     "openai",
 ]
 
@@ -211,7 +211,7 @@ def _cli_child(args: Sequence[str], env: Mapping[str, str], log_path: str) -> No
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
-    from flows.cli import main
+    from cli.main import main
 
     code = main(list(args))
     sys.stdout.flush()

@@ -22,7 +22,7 @@ def register(commands: Any) -> None:
     backfill.add_argument("--dry-run", action="store_true", help="count rows, tokens and cost; spend nothing")
     backfill.add_argument("--no-prefect", action="store_true", help="run without a Prefect flow run")
     backfill.add_argument("--json", action="store_true")
-    from flows.cli import add_cluster_options
+    from cli.main import add_cluster_options
 
     add_cluster_options(backfill)
     backfill.set_defaults(handler=run_backfill_command)

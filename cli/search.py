@@ -22,6 +22,11 @@ GROUPINGS = ("chunk", "page")
 
 def register(commands: Any) -> None:
     """Add this module's subcommands to the `ragingest` parser."""
+    _add_search(commands)
+    _add_eval(commands)
+
+
+def _add_search(commands: Any) -> None:
     search = commands.add_parser("search", help="search the chunks; every hit with its citation")
     search.add_argument("query", help="what to look for")
     search.add_argument("-k", type=_positive, default=10, help="hits to return (default 10)")
@@ -45,6 +50,8 @@ def register(commands: Any) -> None:
     search.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     search.set_defaults(handler=_search)
 
+
+def _add_eval(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="measure retrieval on labelled cases (JSON lines)")
     evaluate.add_argument(
         "cases", type=Path, help="JSON lines: id, query, expected_paths[, expected_headings, namespace]"

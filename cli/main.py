@@ -37,7 +37,7 @@ SCHEMA_DAMAGE_SQLSTATES = frozenset({"42P01", "42703", "42704", "42P10"})
 
 # Modules that add their own subcommands: each has `register(commands)` and sets a
 # `handler(args, settings) -> int` default on the parsers it adds.
-COMMAND_MODULES = ("flows.backfill_cli", "flows.search_cli", "flows.serve_cli")
+COMMAND_MODULES = ("cli.backfill", "cli.search", "cli.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

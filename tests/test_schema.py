@@ -131,7 +131,10 @@ def test_a_wrong_typed_column_is_named_and_refused_and_the_rest_repaired(
     code, out = run_cli(capsys, "db", "migrate", "--repair")
     assert code == 1
     assert "repaired: index chunks_tsv_gin is missing" in out
-    assert "not repaired: column chunks.token_count is bigint, expected integer: change it by hand" in out
+    assert (
+        "not repaired: column chunks.token_count is bigint, expected integer: change its type to integer by hand"
+        in out
+    )
     assert "1 problem(s) left" in out
     assert conn.execute("SELECT to_regclass('chunks_tsv_gin') IS NOT NULL").fetchone() == (True,)
     column = conn.execute(

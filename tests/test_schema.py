@@ -132,8 +132,8 @@ def test_a_wrong_typed_column_is_named_and_refused_and_the_rest_repaired(
     assert code == 1
     assert "repaired: index chunks_tsv_gin is missing" in out
     assert (
-        "not repaired: column chunks.token_count is bigint, expected integer: change its type to integer by hand"
-        in out
+        "not repaired: column chunks.token_count is bigint, expected integer:"
+        " change its type to integer by hand" in out
     )
     assert "1 problem(s) left" in out
     assert conn.execute("SELECT to_regclass('chunks_tsv_gin') IS NOT NULL").fetchone() == (True,)

@@ -24,6 +24,7 @@ from flows.params import (
     existing_folder,
     run_settings,
     without_arg,
+    without_parameter,
 )
 from tasks.discover import source_identity
 from tasks.embed import Embedder, make_embedder
@@ -186,29 +187,15 @@ def ingest(
 
 
 @deferred_flow(name="bulk-load", log_prints=True, persist_result=False)
-def bulk_load(
-    source: SourcePath,
-    full_refresh: bool = False,
-    source_name: SourceName = None,
-    profile: Profile = ENVIRONMENT,
-    include: Globs = None,
-    exclude: Globs = None,
-    chunker: Chunker = ENVIRONMENT,
-    provider: Provider = ENVIRONMENT,
-    model: ModelName = None,
-    dimensions: Dimensions = None,
-    batch_size: BatchSize = None,
-    settings_overrides: SettingsOverrides | None = None,
-    workers: Workers = None,
-    cluster: ClusterAddress = None,
-) -> Summary:
+def bulk_load(**parameters: Any) -> Summary:
     """Load a folder at COPY speed: drop the HNSW indexes, load, rebuild them, VACUUM ANALYZE."""
-    return _sync_from_flow(**locals(), index_strategy="drop")
+    return _sync_from_flow(**parameters, index_strategy="drop")
 
 
-# The same sync as `ingest`, with the index strategy forced to `drop`: its form is ingest's
-# without that field. It is a flow of its own because a deployment made by `prefect deploy`
-# cannot pin a parameter's value.
+# The same sync as `ingest`, with the index strategy forced to `drop`: its parameters and
+# form are ingest's without that field. It is a flow of its own because a deployment made
+# by `prefect deploy` cannot pin a parameter's value.
+without_parameter(bulk_load, ingest, "index_strategy")
 bulk_load.__doc__ = f"""{bulk_load.__doc__}
 
     The same sync as `ingest`, with the index strategy forced to `drop`.

@@ -20,8 +20,9 @@ SETTING_FOR_PARAMETER.
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, cast
 
@@ -249,3 +250,20 @@ def without_arg(docstring: str, name: str) -> str:
     """
     block = docstring[docstring.index("    Args:") :]
     return "\n".join(line for line in block.splitlines() if not line.startswith(f"        {name}:"))
+
+
+def without_parameter(flow_fn: Callable[..., Any], like: Callable[..., Any], name: str) -> None:
+    """Give `flow_fn`, which takes `**parameters`, the signature of `like` less one parameter.
+
+    Prefect builds the form, checks each run and binds the call from the signature, so two
+    flows that share their parameters declare them once. They become keyword-only, which is
+    how Prefect then passes them to `**parameters`.
+    """
+    signature = inspect.signature(like, eval_str=True)  # types, not the strings of lazy annotations
+    kept = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in signature.parameters.values()
+        if p.name != name
+    ]
+    flow_fn.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
+    flow_fn.__annotations__ = {p.name: p.annotation for p in kept} | {"return": signature.return_annotation}

@@ -228,7 +228,7 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
 def _db(args: argparse.Namespace, settings: Any) -> int:
     import psycopg
 
-    from tasks.db import apply_migrations, database_url
+    from tasks.db import apply_migrations, database_url, has_vector_extension
 
     url = database_url(settings)
     if args.db_command == "migrate":
@@ -238,7 +238,7 @@ def _db(args: argparse.Namespace, settings: Any) -> int:
         if args.repair:
             return _repair(url)
     with psycopg.connect(url, autocommit=True) as conn:
-        has_vector = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+        has_vector = has_vector_extension(conn)
     if not has_vector:
         print("missing: extension vector is not installed (run: ragingest db migrate)")
         return EXIT_FAILED

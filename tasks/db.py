@@ -338,6 +338,10 @@ def model_problems(conn: Connection) -> list[str]:
     return problems
 
 
+def has_vector_extension(conn: Connection) -> bool:
+    return conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is not None
+
+
 def index_validity(conn: Connection) -> dict[str, bool]:
     """Index name -> whether Postgres marks it valid, for the current schema."""
     rows = conn.execute(

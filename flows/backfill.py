@@ -127,7 +127,7 @@ def _fill(
         embedder,
         settings,
         batch_size=batch_size,
-        progress=ProgressReporter("backfill-progress", f"Backfilling {model.column_name}"),
+        progress=ProgressReporter("backfill-progress", f"Backfilling {model.column_name}", terminal=True),
     )
     for part in ranges:
         stats.rows_missing_at_start += part.rows_missing_at_start

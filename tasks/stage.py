@@ -149,17 +149,23 @@ def in_flow_run() -> bool:
 
 
 class ProgressReporter:
-    """A Prefect progress artifact, updated at most once per percent; a no-op outside a flow run."""
+    """A Prefect progress artifact, updated at most once per percent (a no-op outside a flow run),
+    and with `terminal`, a bar of rows done, rate and ETA when stderr is a terminal."""
 
-    def __init__(self, key: str, description: str) -> None:
+    def __init__(self, key: str, description: str, *, terminal: bool = False) -> None:
         self._artifact_id: Any = None
         self._last = -1
+        self._description = description
+        self._bar: Any = None
+        self._terminal = terminal and sys.stderr.isatty()
         if in_flow_run():
             from prefect.artifacts import create_progress_artifact
 
             self._artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
 
     def __call__(self, done: int, total: int) -> None:
+        if self._terminal:
+            self._show(done, total)
         if self._artifact_id is None:
             return
         percent = int(100 * done / total) if total else 100
@@ -168,6 +174,30 @@ class ProgressReporter:
 
             update_progress_artifact(artifact_id=self._artifact_id, progress=float(percent))
             self._last = percent
+
+    def _show(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = _rows_bar(self._description, total)
+        progress, task_id = self._bar
+        progress.update(task_id, completed=done, total=total)
+        if done >= total:
+            progress.stop()
+
+
+def _rows_bar(description: str, total: int) -> tuple[Any, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TimeRemainingColumn
+
+    progress = Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    progress.start()
+    return progress, progress.add_task(description, total=total)
 
 
 class RunProgress:

@@ -20,6 +20,8 @@ from psycopg import sql
 from cli.main import main
 from tests.test_ingest import PAGES, write_tree
 
+SCENARIO = "Read-only role"
+
 _roles = itertools.count()
 PASSWORD = "read-only-test"
 

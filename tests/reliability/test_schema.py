@@ -14,6 +14,8 @@ from cli.main import main
 from tasks.db import SQL_DIR, Connection
 from tests.test_ingest import PAGES, write_tree
 
+SCENARIO = "Damaged schema"
+
 # (damage done by hand, what `db verify` must say)
 REPAIRABLE = [
     pytest.param(

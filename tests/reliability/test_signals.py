@@ -26,6 +26,8 @@ from cli.main import EXIT_TERMINATED
 from tests.fake_openai import FakeEmbeddingsServer
 from tests.test_ingest import PAGES, write_tree
 
+SCENARIO = "SIGTERM mid-run"
+
 RAGINGEST = str(Path(sys.executable).parent / "ragingest")
 START_SECONDS = 240.0  # a first temporary Prefect server on a fresh PREFECT_HOME takes ~25 s here
 EXIT_SECONDS = 120.0

@@ -24,6 +24,7 @@ SHARED_CORPORA = SHARED / "corpora"
 pytest_plugins = [
     "tests.fix_prefect",  # a real `prefect server start` and its client calls
     "tests.fix_dask",  # a real Dask cluster
+    "tests.fix_openai",  # the loopback embeddings API
 ]
 TEMPLATE_DB = "ragingest_test_template"
 _counter = itertools.count()

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from tasks.embed import TerminalEmbeddingError
 from tasks.registry import get_model
 from tests.conftest import make_settings
 from tests.fake_openai import FakeEmbeddingsServer, Fault
+from tests.fix_openai import loopback_settings
 from tests.test_ingest import write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +33,6 @@ EVENT_LOOP_NOISE = ("Event loop is closed", "Task exception was never retrieved"
 
 
 @pytest.fixture
-def server() -> Iterator[FakeEmbeddingsServer]:
-    with FakeEmbeddingsServer(dimensions=64) as running:
-        yield running
-
-
-@pytest.fixture
 def loaded(database_url: str, tmp_path: Path) -> str:
     """Many one-chunk pages, ingested with the 64-dim hash model."""
     pages = {f"p{i:03}.md": f"# Page {i}\n\nThe body of page number {i}.\n" for i in range(PAGE_COUNT)}
@@ -47,14 +41,9 @@ def loaded(database_url: str, tmp_path: Path) -> str:
 
 
 def api_settings(database_url: str, server: FakeEmbeddingsServer, **overrides: Any) -> Any:
-    values: dict[str, Any] = {
-        "openai_api_key": API_KEY,
-        "openai_base_url": server.base_url,
-        "embed_timeout_seconds": 5.0,
-        "embed_max_backoff_seconds": 0.2,
-    }
-    values.update(overrides)
-    return make_settings(database_url, **values)
+    patient = {"embed_timeout_seconds": 5.0, "embed_max_backoff_seconds": 0.2}
+    hash_model = {"embedding_provider": "hash", "embedding_model": "test", "embedding_dimensions": 64}
+    return loopback_settings(database_url, server, API_KEY, **(hash_model | patient | overrides))
 
 
 def backfill_command(*extra: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,31 +12,16 @@ import pytest
 from flows.ingest import run_ingest
 from tasks.db import Connection
 from tasks.embed import TerminalEmbeddingError
-from tests.conftest import make_settings
 from tests.fake_openai import FakeEmbeddingsServer, Fault
+from tests.fix_openai import loopback_settings
 from tests.test_ingest import PAGES, chunk_rows, write_tree
 
 API_KEY = "sk-test-do-not-leak-4f9c2a"
 
 
-@pytest.fixture
-def server() -> Iterator[FakeEmbeddingsServer]:
-    with FakeEmbeddingsServer(dimensions=64) as running:
-        yield running
-
-
 def openai_settings(database_url: str, server: FakeEmbeddingsServer, **overrides: Any) -> Any:
-    values: dict[str, Any] = {
-        "embedding_provider": "openai",
-        "embedding_model": "text-embedding-3-small",
-        "embedding_dimensions": 64,
-        "openai_api_key": API_KEY,
-        "openai_base_url": server.base_url,
-        "embed_timeout_seconds": 2.0,
-        "embed_max_backoff_seconds": 2.0,
-    }
-    values.update(overrides)
-    return make_settings(database_url, **values)
+    patient = {"embed_timeout_seconds": 2.0, "embed_max_backoff_seconds": 2.0}
+    return loopback_settings(database_url, server, API_KEY, **(patient | overrides))
 
 
 def many_pages(root: Path, count: int) -> Path:

@@ -39,6 +39,7 @@ from tasks.runners import (
 from tests.conftest import CORPORA, TEMPLATE_DB, make_settings
 from tests.fake_openai import FakeEmbeddingsServer
 from tests.fix_dask import DaskCluster
+from tests.fix_openai import loopback_settings
 from tests.fix_prefect import (
     BIN,
     RUN_SECONDS,
@@ -110,17 +111,8 @@ def ingest(settings: Settings, *, prefect: bool = False, source: Path = RUST_BOO
 
 
 def openai_settings(url: str, server: FakeEmbeddingsServer, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "embedding_provider": "openai",
-        "embedding_model": "text-embedding-3-small",
-        "embedding_dimensions": 64,
-        "openai_api_key": API_KEY,
-        "openai_base_url": server.base_url,
-        "embed_batch_inputs": 16,
-        "shard_bytes": SHARD_BYTES,
-    }
-    values.update(overrides)
-    return make_settings(url, **values)
+    small = {"embed_batch_inputs": 16, "shard_bytes": SHARD_BYTES}
+    return loopback_settings(url, server, API_KEY, **(small | overrides))
 
 
 def verify(url: str) -> subprocess.CompletedProcess[str]:

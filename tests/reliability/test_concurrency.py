@@ -41,12 +41,6 @@ OPENAI_BACKFILL = ["--provider", "openai", "--model", "text-embedding-3-small", 
 
 
 @pytest.fixture
-def server() -> Iterator[FakeEmbeddingsServer]:
-    with FakeEmbeddingsServer(dimensions=64) as running:
-        yield running
-
-
-@pytest.fixture
 def corpus(tmp_path: Path) -> Corpus:
     return Corpus(tmp_path / "kb", files=30, sections=8).write()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,12 +50,6 @@ POINTS = {
     "load": Stage("load transaction", "%INSERT INTO chunks%", max_offset=0.1),
     "index": Stage("index rebuild", "CREATE INDEX%", max_offset=0.03),
 }
-
-
-@pytest.fixture
-def server() -> Iterator[FakeEmbeddingsServer]:
-    with FakeEmbeddingsServer(dimensions=64) as running:
-        yield running
 
 
 @pytest.mark.parametrize("point", list(POINTS))

@@ -7,17 +7,14 @@ down the run fails clearly, changes nothing, and loses nothing it paid for.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from flows.ingest import run_ingest
 from tasks.db import Connection
 from tasks.records import sha256_text
-from tests.conftest import make_settings
 from tests.fake_openai import FakeEmbeddingsServer, Fault, FaultKind
+from tests.fix_openai import loopback_settings
 from tests.reliability.harness import (
     Corpus,
     check_invariants,
@@ -35,23 +32,8 @@ MODEL_KEY = "openai:text-embedding-3-small:64"
 API_KEY = "sk-reliability-flaky"
 
 
-@pytest.fixture
-def server() -> Iterator[FakeEmbeddingsServer]:
-    with FakeEmbeddingsServer(dimensions=64) as running:
-        yield running
-
-
 def api_settings(database_url: str, server: FakeEmbeddingsServer, **overrides: Any) -> Any:
-    values: dict[str, Any] = {
-        "embedding_provider": "openai",
-        "embedding_model": "text-embedding-3-small",
-        "embedding_dimensions": 64,
-        "openai_api_key": API_KEY,
-        "openai_base_url": server.base_url,
-        "lock_timeout_seconds": 30,
-    }
-    values.update(overrides)
-    return make_settings(database_url, **values)
+    return loopback_settings(database_url, server, API_KEY, **({"lock_timeout_seconds": 30} | overrides))
 
 
 def api_env(database_url: str, server: FakeEmbeddingsServer, app: str, **extra: str) -> dict[str, str]:

@@ -30,6 +30,7 @@ from tasks.db import Connection, index_validity
 from tasks.records import sha256_text
 from tests.conftest import make_settings
 from tests.fake_openai import FakeEmbeddingsServer
+from tests.fix_openai import loopback_settings
 from tests.reliability.harness import (
     Corpus,
     Kill,
@@ -204,17 +205,8 @@ def test_kill_9_while_embedding_then_the_rerun_pays_only_for_what_never_reached_
 ) -> None:
     trials = 4
     with FakeEmbeddingsServer(dimensions=64) as server:
-        options: dict[str, Any] = {
-            "embedding_provider": "openai",
-            "embedding_model": "text-embedding-3-small",
-            "embedding_dimensions": 64,
-            "openai_api_key": API_KEY,
-            "openai_base_url": server.base_url,
-            "embed_batch_inputs": 8,
-            "embed_concurrency": 2,
-            "lock_timeout_seconds": 60,
-        }
-        settings = make_settings(database_url, **options)
+        options = {"embed_batch_inputs": 8, "embed_concurrency": 2, "lock_timeout_seconds": 60}
+        settings = loopback_settings(database_url, server, API_KEY, **options)
         corpus = Corpus(tmp_path / "kb", files=30, sections=8).write()
         run_ingest(settings, corpus.root, source_name=SOURCE)
         app = f"reliability-embed-{tmp_path.name}"

@@ -24,6 +24,7 @@ import pytest
 
 from cli.main import EXIT_TERMINATED
 from tests.fake_openai import FakeEmbeddingsServer
+from tests.reliability.report import CaseFigures
 from tests.test_ingest import PAGES, write_tree
 
 SCENARIO = "SIGTERM mid-run"
@@ -127,9 +128,17 @@ def reaper() -> Iterator[list[psutil.Process]]:
 
 
 def terminate_and_check(
-    process: subprocess.Popen[bytes], home: Path, logs: Path, reaper: list[psutil.Process], *, twice: bool
+    process: subprocess.Popen[bytes],
+    home: Path,
+    logs: Path,
+    reaper: list[psutil.Process],
+    figures: CaseFigures,
+    *,
+    twice: bool,
 ) -> None:
     """SIGTERM (twice: again while cleaning up), then nothing of the run may be left."""
+    figures.runs += 1
+    figures.faults += 2 if twice else 1
     tree = process_tree(process.pid)
     server = postmaster(home)
     reaper += [*tree, server]
@@ -149,7 +158,11 @@ def terminate_and_check(
 
 
 def test_sigterm_twice_during_a_prefect_ingest_leaves_nothing_running(
-    tmp_path: Path, prefect_home: Path, fake_api: FakeEmbeddingsServer, reaper: list[psutil.Process]
+    tmp_path: Path,
+    prefect_home: Path,
+    fake_api: FakeEmbeddingsServer,
+    reaper: list[psutil.Process],
+    figures: CaseFigures,
 ) -> None:
     kb = write_tree(tmp_path / "kb", dict(PAGES))
     home, logs = tmp_path / "home", tmp_path / "logs"
@@ -162,11 +175,15 @@ def test_sigterm_twice_during_a_prefect_ingest_leaves_nothing_running(
 
     wait_until(lambda: fake_api.in_flight >= 1, process, logs, "embedding")
     assert has_prefect_server(process.pid) and "Beginning flow run" in output(logs)
-    terminate_and_check(process, home, logs, reaper, twice=True)
+    terminate_and_check(process, home, logs, reaper, figures, twice=True)
 
 
 def test_sigterm_during_a_prefect_backfill_leaves_nothing_running(
-    tmp_path: Path, prefect_home: Path, fake_api: FakeEmbeddingsServer, reaper: list[psutil.Process]
+    tmp_path: Path,
+    prefect_home: Path,
+    fake_api: FakeEmbeddingsServer,
+    reaper: list[psutil.Process],
+    figures: CaseFigures,
 ) -> None:
     kb = write_tree(tmp_path / "kb", dict(PAGES))
     home, logs = tmp_path / "home", tmp_path / "logs"
@@ -183,12 +200,13 @@ def test_sigterm_during_a_prefect_backfill_leaves_nothing_running(
 
     wait_until(lambda: fake_api.in_flight >= 1, process, logs, "probing the model")
     assert has_prefect_server(process.pid) and "Beginning flow run" in output(logs)
-    terminate_and_check(process, home, logs, reaper, twice=False)
+    terminate_and_check(process, home, logs, reaper, figures, twice=False)
 
 
 def test_sigterm_during_a_migration_rolls_it_back_and_leaves_no_backend(
-    database_url: str, tmp_path: Path, prefect_home: Path, reaper: list[psutil.Process]
+    database_url: str, tmp_path: Path, prefect_home: Path, reaper: list[psutil.Process], figures: CaseFigures
 ) -> None:
+    figures.runs, figures.faults = 2, 1
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("DROP INDEX chunks_token_count")
         conn.execute("DELETE FROM schema_migrations WHERE version = 2")

@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from psycopg import errors, sql
+from psycopg import sql
 
 from config.settings import Settings
-from tasks.cache import cached_hashes, write_vectors
+from tasks.cache import embed_missing, write_vectors
 from tasks.db import LOAD_LOCK, Connection, index_validity
 from tasks.embed import (
     Embedder,
@@ -27,7 +27,8 @@ from tasks.embed import (
     RateBudget,
     embed_items,
 )
-from tasks.load import RunLocked
+from tasks.index import set_build_memory
+from tasks.load import RunLocked, load_lock
 from tasks.records import join_embed_text, sha256_text
 from tasks.registry import (
     EmbeddingModel,
@@ -345,13 +346,10 @@ def _next_batch(conn: Connection, model: EmbeddingModel, after_id: int, hi: int,
 
 async def _fill_batch(job: _FillJob, rows: Sequence[_Row]) -> int:
     unique = {row.embed_hash: EmbedItem(row.embed_hash, row.embed_text, row.token_count) for row in rows}
-    hits = cached_hashes(job.cache_conn, job.model.model_key, list(unique))
-    job.stats.cache_hits += len(hits)
-    misses = [item for digest, item in unique.items() if digest not in hits]
-    if misses:
-        await embed_items(
-            job.embedder, misses, job.policy, job.write, stats=job.stats.embed, budget=job.budget
-        )
+    found = await embed_missing(
+        job.cache_conn, job.embedder, list(unique.values()), job.policy, job.budget, job.stats.embed
+    )
+    job.stats.cache_hits += found.hits
     ids = [row.id for row in rows]
     filled = _update_from_cache(job.conn, job.model, ids, job.settings.lock_timeout_seconds)
     job.stats.rows_filled += filled
@@ -363,11 +361,7 @@ def _update_from_cache(conn: Connection, model: EmbeddingModel, ids: list[int], 
     """Write the batch under the load lock, so an ingest's swap and a batch never interleave."""
     column = sql.Identifier(model.column_name)
     try:
-        with conn.transaction():
-            conn.execute(
-                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms"))
-            )
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOAD_LOCK,))
+        with load_lock(conn, lock_timeout):
             return conn.execute(
                 sql.SQL(
                     "UPDATE chunks c SET {column} = e.embedding::{type} FROM embedding_cache e"
@@ -376,7 +370,7 @@ def _update_from_cache(conn: Connection, model: EmbeddingModel, ids: list[int], 
                 ).format(column=column, type=model.column_type),
                 (ids, model.model_key),
             ).rowcount
-    except errors.LockNotAvailable:
+    except RunLocked:
         raise RunLocked(
             f"an ingest held the load lock for over {lock_timeout:g} s; the backfill of {model.slug} "
             "stopped and resumes where it stopped when run again"
@@ -391,11 +385,8 @@ def build_index(conn: Connection, model: EmbeddingModel, settings: Settings) -> 
     if state is False:
         log.warning("index %s is INVALID (an interrupted build); rebuilding it", model.index_name)
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(model.index_name)))
-    conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(settings.maintenance_work_mem)))
-    conn.execute(
-        sql.SQL("SET max_parallel_maintenance_workers = {}").format(
-            sql.Literal(settings.max_parallel_maintenance_workers)
-        )
+    set_build_memory(
+        conn, settings.maintenance_work_mem, settings.max_parallel_maintenance_workers, local=False
     )
     try:
         create_hnsw_index(conn, model, concurrently=True)

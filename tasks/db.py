@@ -154,17 +154,6 @@ def connect_migrated(url: str) -> Connection:
     return connect(url)
 
 
-@contextmanager
-def open_database(settings: Settings) -> Iterator[Connection]:
-    """A connection to the configured database, migrated; closed on exit. For writers only:
-    migrating needs the right to create in the schema."""
-    conn = connect_migrated(database_url(settings))
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
 def connect_current(url: str, *, read_only: bool = True) -> Connection:
     """A connection to a database whose schema is current, checked without writing anything.
 

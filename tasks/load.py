@@ -57,8 +57,6 @@ class LoadResult:
     chunks_deleted: int = 0
     chunks_total: int = 0
     documents_deleted: int = 0
-    documents_skipped: int = 0
-    """Staged documents another run had loaded already with the same content."""
     indexes_dropped: int = 0
     indexes_built: int = 0
     load_seconds: float = 0.0
@@ -123,7 +121,7 @@ def swap_in(conn: Connection, request: LoadRequest, settings: Settings) -> LoadR
     indexed = [m for m in request.models if m.status != "backfilling"]
     with load_lock(conn, settings.lock_timeout_seconds):
         remove_abandoned_runs(conn)
-        result.documents_skipped = _reconcile(conn, request)
+        _reconcile(conn, request)
         result.index_plan = plan_for_change(
             conn,
             settings,
@@ -156,7 +154,7 @@ def load_rows(conn: Connection, request: LoadRequest, result: LoadResult) -> Non
     conn.execute("DELETE FROM ingest_stage_documents WHERE run_key = %s", (run_key,))
 
 
-def _reconcile(conn: Connection, request: LoadRequest) -> int:
+def _reconcile(conn: Connection, request: LoadRequest) -> None:
     """The plan again, inside the lock: skip what another run loaded identically, stop on a conflict."""
     conflict = conn.execute(
         "SELECT s.path FROM ingest_stage_documents s JOIN documents d ON d.source = %s AND d.path = s.path"
@@ -183,7 +181,6 @@ def _reconcile(conn: Connection, request: LoadRequest) -> int:
             "DELETE FROM ingest_stage_chunks WHERE run_key = %s AND path = ANY(%s)",
             (request.run_key, [row[0] for row in skipped]),
         )
-    return len(skipped)
 
 
 def _staged_chunks(conn: Connection, run_key: uuid.UUID) -> int:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field
@@ -127,19 +127,7 @@ def process_embedder(model: EmbeddingModel, settings: Settings) -> Embedder:
         return embedder
 
 
-def process_embedders_loaded() -> int:
-    """How many embedders this process holds (a worker reports it; tests read it)."""
-    return len(_embedders)
-
-
 # --- running the shards -----------------------------------------------------------------------
-
-
-class ShardTask(Protocol):
-    """The `prepare-shard` task: a Prefect task whose `.fn` is the plain shard function."""
-
-    fn: Callable[..., Any]
-    name: str
 
 
 @dataclass(slots=True)

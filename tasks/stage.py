@@ -110,11 +110,6 @@ def flows_on_demand(namespace: dict[str, Any]) -> Callable[[str], Any]:
     return module_getattr
 
 
-def is_transient_database_error(exc: BaseException) -> bool:
-    """Kept for callers of the old name: the same classification as `tasks.errors.is_transient`."""
-    return is_transient(exc)
-
-
 def retry_on_transient_error(stage: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Prefect's `retry_condition_fn`: the failed state holds the exception the stage raised."""
     failure = state.result(raise_on_failure=False)

@@ -34,7 +34,7 @@ from flows.params import (
 )
 from tasks.db import Connection, connect
 from tasks.embed import EmbedItem, EmbedPolicy, HashEmbedder, Vectors, embed_items
-from tasks.stage import is_transient_database_error
+from tasks.errors import is_transient
 from tests.fix_prefect import (
     BIN,
     RUN_SECONDS,
@@ -269,7 +269,7 @@ def test_database_errors_are_classified_by_sqlstate(conn: Connection, sqlstate: 
     with pytest.raises(psycopg.Error) as caught:
         raise_sqlstate(conn, sqlstate)
     assert caught.value.sqlstate == sqlstate
-    assert is_transient_database_error(caught.value) is transient
+    assert is_transient(caught.value) is transient
 
 
 def test_a_lost_connection_is_transient_and_other_errors_are_not(database_url: str) -> None:
@@ -279,8 +279,8 @@ def test_a_lost_connection_is_transient_and_other_errors_are_not(database_url: s
     with pytest.raises(psycopg.OperationalError) as caught:
         victim.execute("SELECT 1")
     victim.close()
-    assert is_transient_database_error(caught.value)
-    assert not is_transient_database_error(ValueError("not a database error"))
+    assert is_transient(caught.value)
+    assert not is_transient(ValueError("not a database error"))
 
 
 @pytest.mark.prefect

@@ -172,27 +172,11 @@ class ProgressReporter:
 
     def _show(self, done: int, total: int) -> None:
         if self._bar is None:
-            self._bar = _rows_bar(self._description, total)
+            self._bar = _start_bar(self._description, total, "rows, ETA")
         progress, task_id = self._bar
         progress.update(task_id, completed=done, total=total)
         if done >= total:
             progress.stop()
-
-
-def _rows_bar(description: str, total: int) -> tuple[Any, Any]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TimeRemainingColumn
-
-    progress = Progress(
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    progress.start()
-    return progress, progress.add_task(description, total=total)
 
 
 class RunProgress:
@@ -201,36 +185,28 @@ class RunProgress:
     def __init__(self, key: str, what: str, files: int) -> None:
         self.files_total, self.files, self.chunks = files, 0, 0
         self._artifact = ProgressReporter(key, f"{what} {files} files")
+        self._started = time.monotonic()
         self._bar: Any = None
         if files and sys.stderr.isatty():
-            self._bar = _terminal_bar(what, files)
+            counts = "files, {task.fields[chunks]} chunks, {task.fields[rate]:.1f} chunks/s, ETA"
+            self._bar = _start_bar(what, files, counts, chunks=0, rate=0.0)
 
     def __call__(self, files: int, chunks: int) -> None:
         self.files += files
         self.chunks += chunks
         self._artifact(self.files, self.files_total)
         if self._bar is not None:
-            self._bar.advance(files, chunks)
+            progress, task_id = self._bar
+            rate = self.chunks / max(time.monotonic() - self._started, 1e-6)
+            progress.update(task_id, advance=files, chunks=self.chunks, rate=rate)
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.stop()
+            self._bar[0].stop()
 
 
-class _TerminalBar:
-    def __init__(self, progress: Any, task_id: Any) -> None:
-        self._progress, self._task, self._started, self._chunks = progress, task_id, time.monotonic(), 0
-
-    def advance(self, files: int, chunks: int) -> None:
-        self._chunks += chunks
-        rate = self._chunks / max(time.monotonic() - self._started, 1e-6)
-        self._progress.update(self._task, advance=files, chunks=self._chunks, rate=rate)
-
-    def stop(self) -> None:
-        self._progress.stop()
-
-
-def _terminal_bar(what: str, files: int) -> _TerminalBar:
+def _start_bar(description: str, total: int, counts: str, **fields: Any) -> tuple[Any, Any]:
+    """A rich progress bar on stderr, started: (progress, task id). `counts` labels the numbers."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -238,10 +214,9 @@ def _terminal_bar(what: str, files: int) -> _TerminalBar:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("files, {task.fields[chunks]} chunks, {task.fields[rate]:.1f} chunks/s, ETA"),
+        TextColumn(counts),
         TimeRemainingColumn(),
         console=Console(stderr=True),
-        transient=False,
     )
     progress.start()
-    return _TerminalBar(progress, progress.add_task(what, total=files, chunks=0, rate=0.0))
+    return progress, progress.add_task(description, total=total, **fields)

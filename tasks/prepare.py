@@ -189,14 +189,16 @@ async def _prepare(
     budgets = [RateBudget(settings.requests_per_minute, settings.tokens_per_minute) for _ in embedders]
     reader = _Reader(settings, shard.spec, _counter(shard.spec, embedders), stats)
     step: Step = []
+    step_chunks = 0  # kept as it grows: summing the step for every file is quadratic in its files
     try:
         for found in shard.files:
             prepared = reader.read_and_chunk(found)
             if prepared is not None:
                 step.append(prepared)
-            if sum(len(chunks) for _, chunks in step) >= settings.stream_batch_chunks:
+                step_chunks += len(prepared[1])
+            if step_chunks >= settings.stream_batch_chunks:
                 await _flush(step, shard, settings, embedders, budgets, stage_conn, cache_conn, stats)
-                step = []
+                step, step_chunks = [], 0
             if progress is not None:
                 progress(1, len(prepared[1]) if prepared else 0)
         if step:

@@ -6,16 +6,18 @@ Pages of a real corpus (rust-book: chunks of many lengths) are taken until
 - bare: `model.encode(texts, batch_size=B, normalize_embeddings=True)` on the
   embed texts the pipeline makes of those pages (title, headings, body), all at
   once; for bf16 inside `torch.autocast(device, dtype=torch.bfloat16)`.
-- pipeline: `run_ingest` end to end on those pages into a fresh database (walk,
-  chunk, cache lookups, embed, cache writes, load, index, vacuum), with the
-  provider's own batching (256 texts a call, one tokenization per call).
+- pipeline: `run_ingest` end to end on those pages into a fresh, migrated
+  database (walk, chunk, cache lookups, embed, cache writes, load, index,
+  vacuum), with the provider's own batching (256 texts a call, one
+  tokenization per call). The pages are chunked as the pipeline does, so both
+  variants embed the same texts.
 
 Throughput is chunks per second; medians of repeats, side by side. The closing
 line gives bf16 over fp32, the pipeline over a bare encode at the same
 precision, and the smallest cosine between the bf16 and fp32 vectors.
 
     python bench/local_model.py                  # 300 chunks, 3 repeats
-    python bench/local_model.py --chunks 1000 --batch-size 64
+    python bench/local_model.py --chunks 1000 --batch-size 32
 """
 
 from __future__ import annotations
@@ -45,15 +47,23 @@ from flows.ingest import run_ingest
 from tasks.chunk import chunk_document
 from tasks.discover import read_document, walk_source
 from tasks.embed import SentenceTransformerEmbedder
+from tasks.prepare import chunk_spec
 from tasks.records import FoundFile
 
 MODEL = "all-MiniLM-L6-v2"
 PRECISIONS: tuple[LocalPrecision, ...] = ("fp32", "bf16")
 
 
-def pick_pages(corpus: Path, chunks: int, cap: int, work: Path) -> tuple[Path, list[str]]:
-    """Copy pages into `work` until they hold `chunks` chunks; return the folder and their embed texts."""
+def pick_pages(
+    corpus: Path, chunks: int, embedder: SentenceTransformerEmbedder, work: Path
+) -> tuple[Path, list[str]]:
+    """Copy pages into `work` until they hold `chunks` chunks; return the folder and their embed texts.
+
+    The pages are chunked as the pipeline chunks them (its spec, counted in the
+    model's own tokens), so the bare encode and the pipeline embed the same texts.
+    """
     root = work / "pages"
+    spec = chunk_spec(settings_for(""), [embedder])
     texts: list[str] = []
     for found in walk_source(corpus):
         if not isinstance(found, FoundFile):
@@ -61,7 +71,14 @@ def pick_pages(corpus: Path, chunks: int, cap: int, work: Path) -> tuple[Path, l
         doc = read_document(found)
         if not doc.include:
             continue
-        pieces = chunk_document(doc, chunker="headings", max_tokens=cap, size=min(400, cap), overlap=50)
+        pieces = chunk_document(
+            doc,
+            chunker=spec.chunker,
+            max_tokens=spec.max_tokens,
+            size=spec.window,
+            overlap=spec.overlap,
+            token_counter=embedder.count_tokens,
+        )
         target = root / found.path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(found.abs_path, target)
@@ -82,7 +99,10 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="forward batch of the provider and the bare call"
+        "--batch-size",
+        type=int,
+        default=SentenceTransformerEmbedder.default_batch_size,
+        help="forward batch of the provider and the bare call (default: the provider's)",
     )
     parser.add_argument("--corpus", type=Path, default=CORPORA / "rust-book")
     args = parser.parse_args()
@@ -93,7 +113,7 @@ def main() -> None:
         for precision in PRECISIONS
     }
     work = Path(tempfile.mkdtemp(prefix="ragingest-bench-model-"))
-    root, texts = pick_pages(args.corpus, args.chunks, embedders["fp32"].max_input_tokens, work)
+    root, texts = pick_pages(args.corpus, args.chunks, embedders["fp32"], work)
     admin = server_url()
     note(
         f"{len(texts)} chunks of {args.corpus.name}; torch threads {torch.get_num_threads()},"
@@ -105,26 +125,29 @@ def main() -> None:
     samples = {f"{kind} {p}": Samples(f"{kind} {p}") for kind in ("bare", "pipeline") for p in PRECISIONS}
     written: list[int] = []
 
-    def bare(precision: str) -> None:
-        model = embedders[precision].model
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-        with autocast:
-            model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
-
-    def pipeline(precision: str) -> None:
-        url = create_database(admin, "bench_model")
+    def pipeline(precision: str) -> float:
+        url = create_database(admin, "bench_model")  # a migrated database, as a nightly run finds
         embedder = embedders[precision]
+        started = time.perf_counter()
         summary = run_ingest(settings_for(url), root, embedder_factory=lambda model, s: embedder)
+        seconds = time.perf_counter() - started
         drop_database(admin, "bench_model")
         written.append(summary["embeddings"]["embedded"])
+        return seconds
+
+    def bare(precision: str) -> float:
+        model = embedders[precision].model
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        started = time.perf_counter()
+        with autocast:
+            model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        return time.perf_counter() - started
 
     try:
         for turn in range(args.repeats):
             for name in rotated(list(samples), turn):
                 kind, precision = name.split()
-                started = time.perf_counter()
-                (bare if kind == "bare" else pipeline)(precision)
-                samples[name].seconds.append(time.perf_counter() - started)
+                samples[name].seconds.append((bare if kind == "bare" else pipeline)(precision))
                 note(f"   {name}: {samples[name].seconds[-1]:.2f}s")
     finally:
         shutil.rmtree(work, ignore_errors=True)

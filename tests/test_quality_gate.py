@@ -143,3 +143,36 @@ def test_the_gate_fails_when_the_chunker_drops_the_sections(
         mode = f"{row['mode']}/{row['model'] or '-'}"
         assert {(mode, "mrr"), (mode, "recall@k")} <= failed, failures
     assert all(name in GATED for _, name in failed)
+
+
+BF16_MRR_TOLERANCE = 0.005
+
+
+@pytest.mark.parametrize("fixture", ["docsqa"], indirect=True)
+def test_the_default_precision_holds_the_fp32_mrr_of_every_mode_within_0_005(
+    server_url: str,
+    template_url: str,
+    fixture: str,
+    tree: Path,
+    minilm: SentenceTransformerEmbedder,
+    healthy: Report,
+    baseline: Report,
+) -> None:
+    """`auto` runs bf16 on a CPU with bf16 instructions; its rankings must stay those of fp32."""
+    fp32 = SentenceTransformerEmbedder("all-MiniLM-L6-v2", 384, precision="fp32")
+    with scratch_database(server_url, template_url) as url:
+        exact = ingest_and_evaluate(url, tree, FIXTURES[fixture][0], fp32, baseline["k"])
+
+    assert fp32.precision == "fp32" and minilm.precision in ("fp32", "bf16")
+    ours, theirs = mrr_by_mode_and_level(healthy), mrr_by_mode_and_level(exact)
+    assert ours.keys() == theirs.keys() and len(ours) == 9
+    drift = {key: round(ours[key] - theirs[key], 4) for key in ours}
+    assert all(abs(value) <= BF16_MRR_TOLERANCE for value in drift.values()), (minilm.precision, drift)
+
+
+def mrr_by_mode_and_level(report: Report) -> dict[tuple[str, str], float]:
+    return {
+        (row["mode"], level): (row if level == "case" else row[level])["mrr"]
+        for row in report["results"]
+        for level in ("case", "page", "chunk")
+    }

@@ -26,12 +26,20 @@ class SentenceTransformerEmbedder:
     """A local sentence-transformers model, loaded on first use; bf16 autocast where the hardware has it."""
 
     max_concurrency = 1  # torch already uses every core
+    default_batch_size = 16
+    """Texts per forward pass. On 2 CPU cores MiniLM ran fastest at 16 in both precisions
+    (bench/local_model.py --batch-size): a longer batch only adds attention work."""
     default_batch_inputs = 256
     """Texts per provider call unless RAGINGEST_EMBED_BATCH_INPUTS says otherwise: a large call
     lets the length sort pad less."""
 
     def __init__(
-        self, model: str, dimensions: int, *, batch_size: int = 64, precision: LocalPrecision = "auto"
+        self,
+        model: str,
+        dimensions: int,
+        *,
+        batch_size: int = default_batch_size,
+        precision: LocalPrecision = "auto",
     ) -> None:
         self.name = model
         self.path = local_model_path(model)

@@ -58,8 +58,7 @@ def discover_changes(
         follow_external_links=settings.follow_external_links,
     )
     with connections.connection() as conn:
-        stored = stored_hashes(conn, source)
-        configs = stored_chunk_configs(conn, source)
+        stored, configs = stored_documents(conn, source)
     plan = plan_changes(
         found, stored, full_refresh=full_refresh, chunk_config=chunk_config, stored_configs=configs
     )
@@ -68,15 +67,12 @@ def discover_changes(
     return plan
 
 
-def stored_hashes(conn: Connection, source: str) -> dict[str, bytes]:
-    rows = conn.execute("SELECT path, content_hash FROM documents WHERE source = %s", (source,))
-    return {path: bytes(digest) for path, digest in rows}
-
-
-def stored_chunk_configs(conn: Connection, source: str) -> dict[str, str | None]:
-    """What each stored document was chunked with (None: not recorded)."""
-    rows = conn.execute("SELECT path, chunk_config FROM documents WHERE source = %s", (source,))
-    return dict(rows.fetchall())
+def stored_documents(conn: Connection, source: str) -> tuple[dict[str, bytes], dict[str, str | None]]:
+    """Each stored document's content hash, and what it was chunked with (None: not recorded)."""
+    rows = conn.execute(
+        "SELECT path, content_hash, chunk_config FROM documents WHERE source = %s", (source,)
+    ).fetchall()
+    return {path: bytes(digest) for path, digest, _ in rows}, {path: config for path, _, config in rows}
 
 
 def plan_changes(

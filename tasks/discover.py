@@ -349,7 +349,7 @@ def _found_or_failure(candidate: _Candidate, max_bytes: int) -> FoundFile | File
         data = _read_limited(candidate.abs_path, max_bytes, vanished="during the walk")
     except _ReadRefused as refused:
         return FileFailure(candidate.path, refused.reason)
-    return FoundFile(candidate.path, Path(candidate.abs_path), len(data), sha256_bytes(data))
+    return FoundFile(candidate.path, candidate.abs_path, len(data), sha256_bytes(data))
 
 
 _NAME_NOT_UTF8 = "file name is not valid UTF-8; rename the file"
@@ -524,7 +524,7 @@ def read_document(found: FoundFile, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Pa
     `max_bytes` since the walk, or does not parse.
     """
     try:
-        data = _read_limited(str(found.abs_path), max_bytes, vanished="after the walk")
+        data = _read_limited(found.abs_path, max_bytes, vanished="after the walk")
     except _ReadRefused as refused:
         raise DocumentError(found.path, refused.reason) from refused
     return parse_document(found.path, data)

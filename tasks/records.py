@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -24,7 +23,8 @@ class FoundFile:
 
     path: str
     """Path relative to the source root, with forward slashes."""
-    abs_path: Path
+    abs_path: str
+    """The path as listed, symlinks not resolved."""
     size: int
     content_hash: bytes
     """SHA-256 of the raw bytes on disk."""

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tasks.plan import plan_changes
 from tasks.records import FileFailure, FoundFile
 
 
 def found(path: str, digest: bytes) -> FoundFile:
-    return FoundFile(path, Path("/src") / path, 1, digest)
+    return FoundFile(path, f"/src/{path}", 1, digest)
 
 
 def test_plan_sorts_new_changed_unchanged_and_deleted() -> None:

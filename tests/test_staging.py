@@ -106,7 +106,7 @@ def test_a_shard_prepared_twice_stages_its_rows_once(
     ingest(settings, tmp_path / "empty")  # registers the model, caches nothing
     models = live_models(conn)
     files = [
-        FoundFile(rel, kb / rel, (kb / rel).stat().st_size, b"\x00" * 32)
+        FoundFile(rel, str(kb / rel), (kb / rel).stat().st_size, b"\x00" * 32)
         for rel in sorted(PAGES)
         if rel != "notes/private.md"
     ]
@@ -126,7 +126,7 @@ def test_a_shard_prepared_twice_stages_its_rows_once(
 
 
 def test_files_split_into_shards_by_bytes() -> None:
-    files = [FoundFile(f"{i}.md", Path(f"/x/{i}.md"), size, b"") for i, size in enumerate([5, 5, 5, 20, 1])]
+    files = [FoundFile(f"{i}.md", f"/x/{i}.md", size, b"") for i, size in enumerate([5, 5, 5, 20, 1])]
     groups = split_by_bytes(files, 10)
     assert [[f.path for f in group] for group in groups] == [["0.md", "1.md"], ["2.md"], ["3.md"], ["4.md"]]
     assert split_by_bytes([], 10) == []

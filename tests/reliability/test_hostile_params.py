@@ -246,7 +246,7 @@ def test_generated_globs_are_refused_or_stay_inside_the_source(
     for item in found:
         assert not item.path.startswith(("/", "../")) and "/../" not in item.path
         if isinstance(item, FoundFile):
-            assert item.abs_path.resolve().is_relative_to(fenced_tree.resolve())
+            assert Path(item.abs_path).resolve().is_relative_to(fenced_tree.resolve())
 
 
 def test_hostile_namespaces_and_source_names_are_stored_as_inert_data(

@@ -28,7 +28,7 @@ class SentenceTransformerEmbedder:
     max_concurrency = 1  # torch already uses every core
     default_batch_size = 16
     """Texts per forward pass. On 2 CPU cores MiniLM ran fastest at 16 in both precisions
-    (bench/local_model.py --batch-size): a longer batch only adds attention work."""
+    (bench/local_model.py --batch-size); at 64 it took about 1.2x as long."""
     default_batch_inputs = 256
     """Texts per provider call unless RAGINGEST_EMBED_BATCH_INPUTS says otherwise: a large call
     lets the length sort pad less."""

@@ -44,7 +44,6 @@ from common import (
 
 from config.settings import LocalPrecision, Settings
 from flows.ingest import run_ingest
-from tasks.chunk import chunk_document
 from tasks.discover import read_document, walk_source
 from tasks.embed import SentenceTransformerEmbedder
 from tasks.prepare import chunk_spec
@@ -71,14 +70,7 @@ def pick_pages(
         doc = read_document(found)
         if not doc.include:
             continue
-        pieces = chunk_document(
-            doc,
-            chunker=spec.chunker,
-            max_tokens=spec.max_tokens,
-            size=spec.window,
-            overlap=spec.overlap,
-            token_counter=embedder.count_tokens,
-        )
+        pieces = spec.chunk(doc, embedder.count_tokens)
         target = root / found.path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(found.abs_path, target)

@@ -35,6 +35,8 @@ from common import (
     server_url,
 )
 
+from tasks.db import open_connection
+
 TSV = (
     "setweight(to_tsvector('english'::regconfig, coalesce(metadata ->> 'title', '')), 'A')"
     " || setweight(to_tsvector('english'::regconfig, coalesce(metadata ->> 'headings', '')), 'B')"
@@ -89,7 +91,7 @@ def main() -> None:
     url = create_database(admin, "bench_tsvector", migrate=False)
     samples = {name: Samples(name) for name in TABLES}
     try:
-        with connect_plain(url) as conn:
+        with open_connection(url) as conn:  # no vector column here: no pgvector types
             stage_rows(conn, rows)
             note(f"{rows.count:,} chunk rows staged; medians of {args.repeats}")
             for turn in range(args.repeats):
@@ -109,13 +111,6 @@ def main() -> None:
             "tsvector_share_of_insert": (samples["generated"].median - plain) / samples["generated"].median,
         }
     )
-
-
-def connect_plain(url: str) -> Any:
-    """A connection without pgvector's types: these tables have no vector column."""
-    import psycopg
-
-    return psycopg.connect(url, autocommit=True)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,17 @@ class ChunkSpec:
             return f"tokens/v{CHUNKER_VERSION}/window={self.window}/overlap={self.overlap}{counted}"
         return f"headings/v{CHUNKER_VERSION}/cap={self.max_tokens}{counted}"
 
+    def chunk(self, doc: ParsedDocument, counter: TokenCounter | None) -> list[Chunk]:
+        """The page's chunks as this spec cuts them; `counter` is the `counter` tokenizer's count."""
+        return chunk_document(
+            doc,
+            chunker=self.chunker,
+            max_tokens=self.max_tokens,
+            size=self.window,
+            overlap=self.overlap,
+            token_counter=counter,
+        )
+
 
 def chunk_spec(settings: Settings, embedders: Sequence[Embedder]) -> ChunkSpec:
     """The cap is the setting, never above any live model's input limit, counted in that model's tokens."""
@@ -242,15 +253,8 @@ class _Reader:
         return doc, chunks
 
     def _chunk(self, doc: ParsedDocument) -> list[Chunk]:
-        spec, stats = self.spec, self.stats
-        chunks = chunk_document(
-            doc,
-            chunker=spec.chunker,
-            max_tokens=spec.max_tokens,
-            size=spec.window,
-            overlap=spec.overlap,
-            token_counter=self.counter,
-        )
+        stats = self.stats
+        chunks = self.spec.chunk(doc, self.counter)
         stats.documents += 1
         stats.chunks += len(chunks)
         stats.oversize += [
